@@ -1,0 +1,69 @@
+"""The project's own files agree with each other: pyproject, environment.yml, Makefile."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def requirement(spec: str) -> tuple[str, str]:
+    """Split 'numba-cuda[cu13]>=0.10' into ('numba-cuda[cu13]', '>=0.10'), name normalized."""
+    match = re.match(r"^\s*([A-Za-z0-9_.\-]+(?:\[[^\]]+\])?)\s*(.*)$", spec)
+    assert match, spec
+    name, version = match.groups()
+    return name.lower().replace("_", "-"), version.replace(" ", "")
+
+
+def pyproject_requirements() -> dict[str, str]:
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = meta["dependencies"] + meta["optional-dependencies"]["dev"]
+    return dict(requirement(s) for s in specs)
+
+
+def conda_requirements() -> dict[str, str]:
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    found: dict[str, str] = {}
+    for dep in env["dependencies"]:
+        if isinstance(dep, dict):
+            found.update(requirement(s) for s in dep["pip"] if not s.startswith("-e"))
+        elif not dep.startswith(("python=", "pip")):
+            found.update([requirement(dep)])
+    return found
+
+
+def test_environment_yml_agrees_with_pyproject():
+    ours, conda = pyproject_requirements(), conda_requirements()
+    assert set(conda) == set(ours), (
+        f"only in environment.yml: {sorted(set(conda) - set(ours))}; "
+        f"only in pyproject.toml: {sorted(set(ours) - set(conda))}"
+    )
+    for name, version in ours.items():
+        assert conda[name] == version, f"{name}: pyproject says {version!r}, conda {conda[name]!r}"
+
+
+def test_gpu_extra_is_numba_cuda_cu13():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert [requirement(s)[0] for s in meta["optional-dependencies"]["gpu"]] == ["numba-cuda[cu13]"]
+
+
+def test_torch_pins_in_makefile_satisfy_pyproject():
+    """The Makefile's torch pair must satisfy pyproject's ranges and stay <= 2.14.1."""
+    pins = re.search(r"^TORCH_PKGS \?= (.+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    versions = dict(p.split("==") for p in pins.split())
+    as_tuple = lambda v: tuple(int(x) for x in v.split("+")[0].split("."))  # noqa: E731
+    assert as_tuple(versions["torch"]) <= (2, 14, 1)
+    assert as_tuple(versions["torchvision"]) <= (0, 29, 1)
+    ours = pyproject_requirements()
+    assert as_tuple(versions["torch"]) >= as_tuple(ours["torch"].removeprefix(">="))
+    assert as_tuple(versions["torchvision"]) >= as_tuple(ours["torchvision"].removeprefix(">="))
+
+
+def test_makefile_has_every_target():
+    text = (ROOT / "Makefile").read_text()
+    for target in ("setup", "lab", "test", "notebooks", "bench", "lint", "data", "clean"):
+        assert re.search(rf"^{target}:", text, re.M), target
