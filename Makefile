@@ -22,8 +22,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # LAB_ARGS passes extra options, e.g. `make lab LAB_ARGS=--no-browser` on a remote machine.
+# Jupyter refuses to run as root unless told to: containers often run as root.
+ROOT_ARGS := $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: setup
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(PORT) $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(PORT) $(ROOT_ARGS) $(LAB_ARGS)
 
 test: test-unit test-notebooks
 

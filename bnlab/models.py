@@ -84,3 +84,31 @@ def mlp(
         fan_in = width
     layers.append(nn.Linear(fan_in, num_classes))
     return nn.Sequential(*layers)
+
+
+def _weighted_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def init_xavier(model: nn.Module) -> nn.Module:
+    """Xavier-uniform weights for every Conv2d and Linear, biases left as they are (d2l's init).
+
+    d2l's ``init_cnn`` / ``init_weights`` do exactly this before training LeNet. Returns model.
+    """
+    for layer in _weighted_layers(model):
+        nn.init.xavier_uniform_(layer.weight)
+    return model
+
+
+def init_normal(model: nn.Module, std: float) -> nn.Module:
+    """Weights ~ N(0, std^2) and zero biases for every Conv2d and Linear (CS231n's weight_scale).
+
+    BN layers keep gamma=1, beta=0. Returns model.
+    """
+    if std < 0:
+        raise ValueError(f"std must be >= 0 (got {std})")
+    for layer in _weighted_layers(model):
+        nn.init.normal_(layer.weight, 0.0, std)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
+    return model

@@ -1,0 +1,93 @@
+"""bnlab.widgets: the compute functions, and the dashboard's reaction to its sliders."""
+
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+matplotlib.use("Agg")
+
+from bnlab import plots, widgets  # noqa: E402
+
+
+def test_trajectory_approaches_population_values():
+    t = widgets.running_stat_trajectory(0.1, 64, 200, population_mean=2.0, population_std=3.0)
+    assert t.running_mean.shape == (200,)
+    assert abs(t.running_mean[0] - 0.2 * (t.batch_mean[0] / 2.0)) < 1e-12  # 0.9*0 + 0.1*mean
+    tail_mean, tail_var = t.running_mean[-50:].mean(), t.running_var[-50:].mean()
+    assert abs(tail_mean - 2.0) < 0.3 and abs(tail_var - 9.0) < 1.5
+    # the running average is smoother than the batch values it averages
+    assert t.running_mean[-100:].std() < 0.5 * t.batch_mean[-100:].std()
+
+
+def test_trajectory_matches_torch_batchnorm():
+    t = widgets.running_stat_trajectory(0.3, 8, 5, seed=3)
+    g = torch.Generator().manual_seed(3)
+    bn = torch.nn.BatchNorm1d(1, momentum=0.3, dtype=torch.float64)
+    for step in range(5):
+        bn(2.0 + 3.0 * torch.randn(8, 1, generator=g, dtype=torch.float64))
+        assert abs(bn.running_mean.item() - t.running_mean[step]) < 1e-12
+        assert abs(bn.running_var.item() - t.running_var[step]) < 1e-12
+
+
+def test_cumulative_average_and_momentum_one():
+    t = widgets.running_stat_trajectory(None, 16, 30, seed=1)
+    # momentum=None: the running mean is exactly the average of all batch means so far
+    np.testing.assert_allclose(
+        t.running_mean, np.cumsum(t.batch_mean) / np.arange(1, 31), atol=1e-12
+    )
+    t1 = widgets.running_stat_trajectory(1.0, 16, 5, seed=1)
+    np.testing.assert_allclose(t1.running_mean, t1.batch_mean, atol=1e-12)  # last batch only
+    np.testing.assert_allclose(t1.running_var, t1.batch_var, atol=1e-12)  # unbiased
+
+
+def test_trajectory_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="momentum"):
+        widgets.running_stat_trajectory(0.99 + 1, 8, 5)
+    with pytest.raises(ValueError, match="batch_size"):
+        widgets.running_stat_trajectory(0.1, 1, 5)
+
+
+def test_eps_effect_damps_a_low_variance_channel():
+    small = widgets.eps_effect(1e-10, channel_std=1e-3)
+    assert abs(small.output_std - 1.0) < 1e-3  # eps << var: unit output
+    big = widgets.eps_effect(1e-2, channel_std=1e-3)  # eps = 10^4 * var
+    assert abs(big.output_std - big.predicted_std) < 1e-9
+    assert big.output_std < 0.011
+    assert np.all(np.diff(big.std_grid) <= 1e-12)  # more eps, never more output std
+    with pytest.raises(ValueError, match="eps"):
+        widgets.eps_effect(0.0)
+
+
+def test_dashboard_reacts_to_sliders():
+    dash = widgets.dashboard(steps=20)
+    first = dash.result
+    assert dash.updates == 1 and first.trajectory.momentum == pytest.approx(0.1)
+    dash.momentum.value = 0.5
+    assert dash.updates == 2 and dash.result.trajectory.momentum == pytest.approx(0.5)
+    # same batches (same seed), larger momentum: the first running mean is 5x larger
+    assert dash.result.trajectory.running_mean[0] == pytest.approx(
+        5 * first.trajectory.running_mean[0]
+    )
+    dash.batch_size.value = 128
+    assert dash.result.trajectory.batch_size == 128
+    dash.eps.value = 1e-2
+    assert dash.result.eps.eps == pytest.approx(1e-2) and dash.result.eps.output_std < 0.02
+    dash.cumulative.value = True
+    assert dash.result.trajectory.momentum is None
+    assert len(dash.output.outputs) == 1  # one figure, replaced at each update
+
+
+def test_plot_helpers_draw_what_they_are_given():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4))
+    acts = plots.layer_activations(model, torch.randn(8, 4))
+    assert list(acts) == ["1"] and acts["1"].shape == (8, 4)
+    axes = plots.activation_histograms(acts)
+    assert len(axes) == 1 and "std" in axes[0].get_title()
+    with pytest.raises(ValueError, match="kind"):
+        plots.layer_activations(model, torch.randn(8, 4), kind=torch.nn.Sigmoid)
+    ax = plots.curves({"a": [1, 2, 3]}, target=2.0)
+    assert len(ax.lines) == 2
+    matplotlib.pyplot.close("all")
