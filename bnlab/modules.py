@@ -110,15 +110,18 @@ class _BatchNorm(nn.Module):
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # Running buffers are passed when they are to be used (eval) or updated (train+track).
         pass_buffers = not self.training or self.track_running_stats
-        return F.batch_norm(
+        return self._normalize(
             x,
             self.running_mean if pass_buffers else None,
             self.running_var if pass_buffers else None,
-            self.weight,
-            self.bias,
             use_batch_stats,
             factor,
-            self.eps,
+        )
+
+    def _normalize(self, x, running_mean, running_var, training: bool, momentum: float) -> Tensor:
+        """The one functional call; kernel-backed subclasses override only this."""
+        return F.batch_norm(
+            x, running_mean, running_var, self.weight, self.bias, training, momentum, self.eps
         )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args, **kwargs):

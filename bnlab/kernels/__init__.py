@@ -1,0 +1,13 @@
+"""Hand-written Batch Normalization kernels, checked against ``bnlab.functional``.
+
+Submodules, imported on demand (importing ``cuda`` decides GPU vs simulator):
+
+- ``backend``: choose the real CUDA target or Numba's simulator before numba.cuda loads;
+- ``cuda``: numba.cuda kernels (Welford + Chan statistics, split variant, normalize,
+  backward reduce/elementwise, running statistics) and launch wrappers on torch tensors;
+- ``cpu``: the same algorithm with ``numba.njit(parallel=True)``;
+- ``autograd``: a ``torch.autograd.Function``, a functional ``batch_norm`` and
+  BatchNorm1d/2d modules running on either kernel set (``backend="cpu"`` or ``"cuda"``);
+- ``checks``: input validation shared by both; ``stability``: the cancellation demo;
+- ``ptx``: compile every CUDA kernel to PTX without a GPU (run in its own process).
+"""

@@ -1,0 +1,99 @@
+"""Input checks shared by the CPU and CUDA kernel wrappers: one place, clear messages.
+
+The kernels index raw memory, so they accept only what they were compiled for:
+contiguous float32 or float64 tensors, per-channel vectors of shape (C,) in the same
+dtype and on the same device. Anything else raises, naming the argument and the fix.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bnlab import functional as F
+
+DTYPES = (torch.float32, torch.float64)
+
+
+def check_tensor(t, name: str) -> None:
+    """Raise unless ``t`` is a contiguous float32/float64 torch tensor."""
+    if not isinstance(t, Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor (got {type(t).__name__}); "
+            f"wrap a NumPy array with torch.from_numpy({name})"
+        )
+    if t.dtype not in DTYPES:
+        raise TypeError(
+            f"the kernels are compiled for float32 and float64, got {name} of dtype {t.dtype}; "
+            f"convert it first, e.g. {name}.float()"
+        )
+    if not t.is_contiguous():
+        raise ValueError(
+            f"{name} must be contiguous (got shape {tuple(t.shape)} with strides {t.stride()}); "
+            f"call {name}.contiguous() first"
+        )
+
+
+def check_device(x: Tensor, device_type: str, remedy: str) -> None:
+    """Raise unless ``x`` lives on ``device_type`` ("cpu" or "cuda")."""
+    if not isinstance(x, Tensor):
+        check_tensor(x, "input")
+    if x.device.type != device_type:
+        raise ValueError(f"input is on {x.device}, expected a {device_type} tensor: {remedy}")
+
+
+def check_inputs(x: Tensor, *vectors: tuple[str, Tensor]) -> tuple[int, int, int]:
+    """Check x (N, C, *) and per-channel vectors; return (N, C, HW) for the flat layout."""
+    check_tensor(x, "input")
+    if x.dim() < 2:
+        raise ValueError(f"expected an input of at least 2 dimensions (N, C, ...), got {x.dim()}D")
+    n, c = x.shape[0], x.shape[1]
+    for name, v in vectors:
+        check_tensor(v, name)
+        if v.shape != (c,):
+            raise ValueError(
+                f"{name} must have shape ({c},), one value per channel of the input of shape "
+                f"{tuple(x.shape)}, got {tuple(v.shape)}"
+            )
+        if v.dtype != x.dtype or v.device != x.device:
+            raise TypeError(
+                f"{name} is {v.dtype} on {v.device} but the input is {x.dtype} on {x.device}; "
+                f"use {name}.to(input)"
+            )
+    hw = x.numel() // (n * c) if n * c else 0
+    return n, c, hw
+
+
+def check_like(t: Tensor, x: Tensor, name: str) -> None:
+    """Raise unless ``t`` has x's shape, dtype and device and is contiguous."""
+    check_tensor(t, name)
+    if t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
+        raise ValueError(
+            f"{name} must match the input: shape {tuple(x.shape)}, {x.dtype} on {x.device} "
+            f"(got shape {tuple(t.shape)}, {t.dtype} on {t.device})"
+        )
+
+
+def check_eps_and_count(x: Tensor, eps: float) -> None:
+    """eps > 0, and more than one value per channel (the statistics need two)."""
+    F.check_eps(eps)
+    F.check_batch_size(x)
+
+
+def check_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor) -> None:
+    """The four (C,) vectors of a running-statistics update agree in shape, dtype, device."""
+    check_tensor(mean, "mean")
+    probe = mean.reshape(1, -1)  # a (1, C) stand-in input, so check_inputs can compare
+    check_inputs(probe, ("running_mean", running_mean), ("running_var", running_var), ("var", var))
+
+
+def affine_or_identity(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """weight/bias, with ones/zeros standing in for a missing one (affine=False)."""
+    c = x.shape[1] if isinstance(x, Tensor) and x.dim() >= 2 else 0
+    if weight is None:
+        weight = torch.ones(c, dtype=x.dtype, device=x.device)
+    if bias is None:
+        bias = torch.zeros(c, dtype=x.dtype, device=x.device)
+    return weight, bias
