@@ -280,6 +280,31 @@ class BatchNormFunction(torch.autograd.Function):
         return dx, dgamma, dbeta, None, None, None
 
 
+def check_batch_norm_args(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    training: bool,
+    eps: float,
+) -> None:
+    """The argument checks every batch_norm implementation shares (scratch and kernels)."""
+    check_floating(x)
+    check_eps(eps)
+    if x.dim() < 2:
+        raise ValueError(f"expected an input of at least 2 dimensions (N, C, ...), got {x.dim()}D")
+    for name, t in (("running_mean", running_mean), ("weight", weight)):
+        if t is not None:
+            check_channels(x, t.numel(), name)
+    if training:
+        check_batch_size(x)
+    elif running_mean is None or running_var is None:
+        raise ValueError(
+            "running_mean and running_var are required when training=False; pass "
+            "training=True to normalize with the batch statistics"
+        )
+
+
 def batch_norm(
     x: Tensor,
     running_mean: Tensor | None,
@@ -297,15 +322,8 @@ def batch_norm(
     buffers are given, updates them in place with factor ``momentum``.
     Returns a tensor of x's shape.
     """
-    check_floating(x)
-    check_eps(eps)
-    if x.dim() < 2:
-        raise ValueError(f"expected an input of at least 2 dimensions (N, C, ...), got {x.dim()}D")
-    for name, t in (("running_mean", running_mean), ("weight", weight)):
-        if t is not None:
-            check_channels(x, t.numel(), name)
+    check_batch_norm_args(x, running_mean, running_var, weight, training, eps)
     if training:
-        check_batch_size(x)
         with torch.no_grad():  # the backward accounts for the statistics' dependence on x
             mean, var = batch_stats(x)
         if running_mean is not None and running_var is not None:
@@ -313,11 +331,6 @@ def batch_norm(
                 running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum
             )
     else:
-        if running_mean is None or running_var is None:
-            raise ValueError(
-                "running_mean and running_var are required when training=False; pass "
-                "training=True to normalize with the batch statistics"
-            )
         mean, var = running_mean, running_var
         if x.dtype in (torch.float16, torch.bfloat16):
             mean, var = mean.float(), var.float()

@@ -83,13 +83,7 @@ def batch_norm(
     Inputs: x (N, C, *) contiguous float32/float64; running_mean, running_var (C,) or
     None; weight, bias (C,) or None. Returns a tensor of x's shape.
     """
-    F.check_floating(x)
-    F.check_eps(eps)
-    if not training and (running_mean is None or running_var is None):
-        raise ValueError(
-            "running_mean and running_var are required when training=False; pass "
-            "training=True to normalize with the batch statistics"
-        )
+    F.check_batch_norm_args(x, running_mean, running_var, weight, training, eps)
     return KernelBatchNormFunction.apply(
         x, weight, bias, running_mean, running_var, training, momentum, eps, backend
     )
