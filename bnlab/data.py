@@ -1,0 +1,358 @@
+"""Fashion-MNIST as in-memory tensors, found offline before anything is downloaded.
+
+The dataset class, its file names, MD5 sums and mirror come from
+``torchvision.datasets.FashionMNIST``. Before downloading, bnlab looks for the four raw
+``.gz`` files, in this order:
+
+1. ``$BNLAB_DATA_DIR`` (the files themselves, or torchvision's ``FashionMNIST/raw`` below it),
+2. the repository's git-ignored ``data/`` cache (where a download goes),
+3. ``/usr/share/datasets/fashion-mnist`` (Debian/Ubuntu package ``dataset-fashion-mnist``).
+
+Found files are read in place (no copy), after their MD5 sums are checked. A download goes
+to a temporary folder first and is moved into the cache only once its MD5 is right, so a
+failed or interrupted download never leaves a partial file behind.
+
+``python -m bnlab.data`` (``make data``) locates or downloads the data and prints where.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import sys
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torchvision.datasets import FashionMNIST
+from torchvision.datasets.utils import download_url
+
+from bnlab.config import pick
+
+ENV_VAR = "BNLAB_DATA_DIR"
+REPO_CACHE = Path(__file__).resolve().parents[1] / "data"
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+CLASSES: list[str] = list(FashionMNIST.classes)
+
+# FAST mode trains on a fixed random subset; sizes chosen so that LeNet learns in 1-2 epochs.
+FAST_TRAIN = 6000
+FAST_TEST = 2000
+
+
+class DataError(RuntimeError):
+    """Fashion-MNIST could not be found, or a file is corrupt or truncated."""
+
+
+def md5_table() -> dict[str, str]:
+    """File name -> MD5 sum of the four raw ``.gz`` files, as torchvision knows them."""
+    return dict(FashionMNIST.resources)
+
+
+def content_md5_table() -> dict[str, str]:
+    """File name -> MD5 sum of the four files' *decompressed* content.
+
+    Debian's ``dataset-fashion-mnist`` re-gzips the release (no file name in the gzip
+    header), so its ``.gz`` bytes differ from torchvision's MD5 while the data inside is the
+    same; these sums of the uncompressed IDX files are the ones published alongside the
+    release by several loaders, and they match Debian's files.
+    """
+    return dict(_CONTENT_MD5)
+
+
+_CONTENT_MD5 = {
+    "train-images-idx3-ubyte.gz": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte.gz": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte.gz": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte.gz": "15d484375f8d13e6eb1aabb0c3f46965",
+}
+
+
+def search_dirs() -> list[Path]:
+    """Directories searched for the raw ``.gz`` files, in order (see the module docstring)."""
+    roots = []
+    if os.environ.get(ENV_VAR):
+        roots.append(Path(os.environ[ENV_VAR]).expanduser())
+    roots.append(REPO_CACHE)
+    dirs = [d for root in roots for d in (root, root / "FashionMNIST" / "raw")]
+    return dirs + [DEBIAN_DIR]
+
+
+def file_md5(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex MD5 digest of a file, read in chunks."""
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_file(path: Path) -> None:
+    """Check one raw ``.gz`` file: its MD5 is torchvision's, or its content's MD5 is known.
+
+    Raises DataError naming the file when it is corrupt, truncated or not gzip at all.
+    """
+    name = path.name
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, md5_table()[name])
+    if key in _VERIFIED:  # hashing 26 MB takes a while: once per file per process
+        return
+    if file_md5(path) == md5_table()[name]:
+        _VERIFIED.add(key)
+        return
+    try:
+        with gzip.open(path, "rb") as f:
+            actual = hashlib.md5(f.read()).hexdigest()
+        problem = f"content MD5 {actual}, expected {content_md5_table()[name]}"
+    except (OSError, EOFError) as err:  # EOFError: a truncated gzip stream
+        actual, problem = None, f"cannot be decompressed: {err}"
+    if actual == content_md5_table()[name]:
+        _VERIFIED.add(key)
+        return
+    raise DataError(
+        f"Fashion-MNIST file {path} is corrupt or truncated ({path.stat().st_size} bytes; "
+        f"{problem}). Delete it and run `make data` again, reinstall "
+        f"`dataset-fashion-mnist`, or point {ENV_VAR} at a good copy."
+    )
+
+
+_VERIFIED: set[tuple] = set()
+
+
+def verify(directory: Path) -> None:
+    """Check the four raw files in ``directory`` (see ``verify_file``); the first bad one raises."""
+    for name in md5_table():
+        verify_file(Path(directory) / name)
+
+
+def _complete(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in md5_table())
+
+
+def locate() -> Path | None:
+    """The first searched directory holding all four files, MD5-checked; None if none has them.
+
+    A directory with all four files but a bad one raises DataError (never half-used).
+    """
+    for directory in search_dirs():
+        if _complete(directory):
+            verify(directory)
+            return directory
+    return None
+
+
+def download(dest: Path | None = None) -> Path:
+    """Download the four files into ``dest`` (default: the repo cache's torchvision layout).
+
+    Each file is fetched into a temporary folder beside ``dest``, MD5-checked by torchvision,
+    and only then moved into place, so nothing partial is ever left in ``dest``.
+    """
+    dest = Path(dest) if dest is not None else REPO_CACHE / "FashionMNIST" / "raw"
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, md5 in md5_table().items():
+        if (dest / name).is_file() and file_md5(dest / name) == md5:
+            continue
+        errors = []
+        for mirror in FashionMNIST.mirrors:
+            with tempfile.TemporaryDirectory(dir=dest, prefix=".partial-") as tmp:
+                try:
+                    download_url(mirror + name, root=tmp, filename=name, md5=md5)
+                    if file_md5(Path(tmp) / name) != md5:
+                        raise DataError(f"downloaded {name} from {mirror} has the wrong MD5")
+                except Exception as err:  # network errors come in many types
+                    errors.append(f"{mirror}{name}: {err}")
+                    continue
+                os.replace(Path(tmp) / name, dest / name)
+                break
+        else:
+            raise DataError(_not_found_message("; ".join(errors)))
+    return dest
+
+
+def _not_found_message(reason: str) -> str:
+    searched = "\n".join(f"  - {d}" for d in search_dirs())
+    return (
+        "Fashion-MNIST was not found and could not be downloaded "
+        f"({reason}).\nSearched:\n{searched}\nGet it one of three ways:\n"
+        "  1. with internet access, run `make data` (downloads into the repo's data/ cache);\n"
+        "  2. `sudo apt install dataset-fashion-mnist` (Debian/Ubuntu, "
+        f"installs into {DEBIAN_DIR});\n"
+        f"  3. put the four .gz files in a folder and set {ENV_VAR} to it."
+    )
+
+
+def ensure(allow_download: bool = True) -> Path:
+    """The directory holding verified raw files: located, else downloaded, else DataError."""
+    found = locate()
+    if found is not None:
+        return found
+    if not allow_download:
+        raise DataError(_not_found_message("download not allowed"))
+    return download()
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """Read a gzip-compressed IDX file (uint8 data) into a tensor, e.g. (N, 28, 28) or (N,)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+        zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+        shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    except (OSError, EOFError, struct.error) as err:
+        raise DataError(f"cannot read {path}: {err}; delete it and run `make data`") from err
+    if zero != 0 or dtype != 0x08:
+        raise DataError(f"{path} is not an IDX file of uint8 (magic {raw[:4].hex()})")
+    body = raw[4 + 4 * ndim :]
+    if len(body) != int(torch.Size(shape).numel()):
+        raise DataError(f"{path} is truncated: expected shape {shape}, got {len(body)} values")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
+
+
+class _InPlaceFashionMNIST(FashionMNIST):
+    """torchvision's FashionMNIST reading the verified ``.gz`` files where they lie."""
+
+    def __init__(self, raw_dir: Path, train: bool) -> None:
+        self._raw_dir = Path(raw_dir)
+        super().__init__(str(raw_dir), train=train, download=False)
+
+    @property
+    def raw_folder(self) -> str:
+        return str(self._raw_dir)
+
+    def _check_legacy_exist(self) -> bool:
+        return False
+
+    def _check_exists(self) -> bool:
+        return _complete(self._raw_dir)
+
+    def _load_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        split = "train" if self.train else "t10k"
+        images = read_idx(self._raw_dir / f"{split}-images-idx3-ubyte.gz")
+        labels = read_idx(self._raw_dir / f"{split}-labels-idx1-ubyte.gz")
+        return images, labels.long()
+
+
+@lru_cache(maxsize=4)
+def _tensors(raw_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    ds = _InPlaceFashionMNIST(raw_dir, train=train)
+    # ToTensor's scaling, as d2l uses: float32 in [0, 1], no mean/std normalization.
+    return ds.data.unsqueeze(1).float().div_(255.0), ds.targets
+
+
+def load_tensors(train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images and labels of one split: x (N, 1, 28, 28) float32 in [0, 1], y (N,) int64.
+
+    N is 60000 for train, 10000 for test. Cached per process; do not modify in place.
+    """
+    return _tensors(ensure(), bool(train))
+
+
+class TensorLoader:
+    """Mini-batches of in-memory tensors, like a DataLoader without workers or copies.
+
+    x: (N, ...) inputs; y: (N,) labels. With ``shuffle`` each pass draws a new permutation
+    from its own generator, seeded by ``seed`` (``reseed`` restarts the sequence).
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+        if len(x) != len(y):
+            raise ValueError(f"x and y must have the same length (got {len(x)} and {len(y)})")
+        self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+        self.generator = torch.Generator()
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the shuffling sequence from ``seed``."""
+        self.generator.manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.x) // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.x)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else None
+        for start in range(0, n, self.batch_size):
+            if order is None:
+                yield (
+                    self.x[start : start + self.batch_size],
+                    self.y[start : start + self.batch_size],
+                )
+            else:
+                idx = order[start : start + self.batch_size]
+                yield self.x[idx], self.y[idx]
+
+
+@dataclass
+class Data:
+    """A train loader (shuffled) and a test loader over Fashion-MNIST."""
+
+    train: TensorLoader
+    test: TensorLoader
+    classes: list[str]
+
+
+def subset(
+    x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random subset of ``n`` examples (all of them when n is None or >= N)."""
+    if n is None or n >= len(x):
+        return x, y
+    if n < 1:
+        raise ValueError(f"subset size n must be >= 1 (got {n})")
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+    return x[idx], y[idx]
+
+
+def fashion_mnist(
+    batch_size: int = 256,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    fast: bool | None = None,
+    seed: int = 0,
+) -> Data:
+    """Fashion-MNIST loaders from in-memory tensors.
+
+    n_train, n_test: subset sizes; by default all 60000/10000 in full mode and
+    FAST_TRAIN/FAST_TEST in FAST mode (``fast`` overrides the environment's choice).
+    Subsets are fixed random draws (``seed``), the same in every run.
+    """
+    use_fast = pick(True, False) if fast is None else fast
+    if use_fast:
+        n_train = FAST_TRAIN if n_train is None else n_train
+        n_test = FAST_TEST if n_test is None else n_test
+    x_train, y_train = subset(*load_tensors(train=True), n_train, seed)
+    x_test, y_test = subset(*load_tensors(train=False), n_test, seed)
+    return Data(
+        train=TensorLoader(x_train, y_train, batch_size, shuffle=True, seed=seed),
+        test=TensorLoader(x_test, y_test, batch_size, shuffle=False),
+        classes=CLASSES,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bnlab.data``: locate or download Fashion-MNIST and print where it is."""
+    try:
+        where = ensure()
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"Fashion-MNIST: {where}")
+    for name in md5_table():
+        print(f"  {name}  {(where / name).stat().st_size:>9} bytes  MD5 ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

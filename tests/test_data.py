@@ -1,0 +1,230 @@
+"""bnlab.data: search order, MD5 checks, offline error, downloads, loaders, FAST subsets.
+
+Most tests build four small fake .gz files and patch the MD5 tables to theirs, so they
+need neither the real data nor a network; one test reads the Debian package's files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from bnlab import data
+
+NAMES = list(data.md5_table())
+
+
+def idx_bytes(t: torch.Tensor) -> bytes:
+    """An uncompressed IDX file of uint8 data."""
+    header = struct.pack(">HBB", 0, 0x08, t.dim()) + struct.pack(f">{t.dim()}I", *t.shape)
+    return header + t.to(torch.uint8).numpy().tobytes()
+
+
+def fake_contents(n: int = 12) -> dict[str, bytes]:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 28, 28), generator=g)
+    labels = torch.arange(n) % 10
+    return {
+        "train-images-idx3-ubyte.gz": idx_bytes(images),
+        "train-labels-idx1-ubyte.gz": idx_bytes(labels),
+        "t10k-images-idx3-ubyte.gz": idx_bytes(images[: n // 2]),
+        "t10k-labels-idx1-ubyte.gz": idx_bytes(labels[: n // 2]),
+    }
+
+
+def write_fake(directory: Path, contents: dict[str, bytes]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, raw in contents.items():
+        (directory / name).write_bytes(gzip.compress(raw, mtime=0))
+    return directory
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """Fake sources: MD5 tables patched to the fake files, every search location in tmp_path."""
+    contents = fake_contents()
+    gz = {n: hashlib.md5(gzip.compress(raw, mtime=0)).hexdigest() for n, raw in contents.items()}
+    plain = {n: hashlib.md5(raw).hexdigest() for n, raw in contents.items()}
+    monkeypatch.setattr(data, "md5_table", lambda: dict(gz))
+    monkeypatch.setattr(data, "content_md5_table", lambda: dict(plain))
+    monkeypatch.setattr(data, "REPO_CACHE", tmp_path / "repo_data")
+    monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "debian")
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    data._VERIFIED.clear()
+    data._tensors.cache_clear()
+    yield tmp_path, contents
+    data._VERIFIED.clear()
+    data._tensors.cache_clear()
+
+
+def test_finds_debian_dir(fake):
+    tmp, contents = fake
+    write_fake(tmp / "debian", contents)
+    assert data.locate() == tmp / "debian"
+
+
+def test_repo_cache_in_torchvision_layout_wins_over_debian(fake):
+    tmp, contents = fake
+    write_fake(tmp / "debian", contents)
+    write_fake(tmp / "repo_data" / "FashionMNIST" / "raw", contents)
+    assert data.locate() == tmp / "repo_data" / "FashionMNIST" / "raw"
+
+
+def test_env_dir_wins_over_everything(fake, monkeypatch):
+    tmp, contents = fake
+    write_fake(tmp / "debian", contents)
+    write_fake(tmp / "repo_data", contents)
+    write_fake(tmp / "mine", contents)
+    monkeypatch.setenv(data.ENV_VAR, str(tmp / "mine"))
+    assert data.locate() == tmp / "mine"
+    assert data.search_dirs()[0] == tmp / "mine"
+
+
+def test_incomplete_dir_is_skipped(fake):
+    tmp, contents = fake
+    write_fake(tmp / "repo_data", {k: v for k, v in contents.items() if "t10k" not in k})
+    write_fake(tmp / "debian", contents)
+    assert data.locate() == tmp / "debian"
+
+
+def test_recompressed_file_is_accepted_by_content_md5(fake):
+    tmp, contents = fake
+    write_fake(tmp / "debian", contents)
+    # a different gzip header (a stored file name), as Debian's repacking changes the bytes
+    path = tmp / "debian" / NAMES[0]
+    with gzip.GzipFile(filename="x", mode="wb", fileobj=open(path, "wb"), mtime=1) as f:
+        f.write(contents[NAMES[0]])
+    assert hashlib.md5(path.read_bytes()).hexdigest() != data.md5_table()[NAMES[0]]
+    assert data.locate() == tmp / "debian"
+
+
+def test_corrupt_file_is_named(fake):
+    tmp, contents = fake
+    bad = dict(contents)
+    bad[NAMES[1]] = contents[NAMES[1]][:-1] + b"\x07"  # one label changed
+    write_fake(tmp / "debian", bad)
+    with pytest.raises(data.DataError, match=f"{NAMES[1]}.*corrupt or truncated"):
+        data.locate()
+
+
+def test_truncated_file_is_named(fake):
+    tmp, contents = fake
+    write_fake(tmp / "debian", contents)
+    path = tmp / "debian" / NAMES[0]
+    path.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(data.DataError, match=f"{NAMES[0]}.*cannot be decompressed"):
+        data.ensure(allow_download=False)
+
+
+def test_offline_error_names_the_three_remedies(fake, monkeypatch):
+    def no_network(url, root, filename, md5):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(data, "download_url", no_network)
+    with pytest.raises(data.DataError) as info:
+        data.ensure()
+    message = str(info.value)
+    for remedy in ("make data", "apt install dataset-fashion-mnist", data.ENV_VAR):
+        assert remedy in message
+    assert "name resolution" in message
+
+
+def test_download_moves_only_verified_files_into_place(fake, monkeypatch):
+    tmp, contents = fake
+
+    def fetch(url, root, filename, md5):
+        Path(root, filename).write_bytes(gzip.compress(contents[filename], mtime=0))
+
+    monkeypatch.setattr(data, "download_url", fetch)
+    where = data.ensure()
+    assert where == tmp / "repo_data" / "FashionMNIST" / "raw"
+    assert sorted(p.name for p in where.iterdir()) == sorted(NAMES)
+    assert data.locate() == where
+
+
+def test_interrupted_download_leaves_no_partial_file(fake, monkeypatch):
+    tmp, contents = fake
+
+    def half(url, root, filename, md5):
+        Path(root, filename).write_bytes(b"\x1f\x8b partial")
+        raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr(data, "download_url", half)
+    with pytest.raises(data.DataError, match="connection reset"):
+        data.ensure()
+    dest = tmp / "repo_data" / "FashionMNIST" / "raw"
+    assert list(dest.iterdir()) == []
+
+
+def test_wrong_md5_download_is_rejected(fake, monkeypatch):
+    tmp, contents = fake
+
+    def wrong(url, root, filename, md5):
+        Path(root, filename).write_bytes(gzip.compress(b"not the data", mtime=0))
+
+    monkeypatch.setattr(data, "download_url", wrong)
+    with pytest.raises(data.DataError, match="wrong MD5"):
+        data.ensure()
+    assert list((tmp / "repo_data" / "FashionMNIST" / "raw").iterdir()) == []
+
+
+def test_loaders_from_fake_files(fake):
+    tmp, contents = fake
+    write_fake(tmp / "debian", contents)
+    d = data.fashion_mnist(batch_size=5, fast=False)
+    x, y = next(iter(d.test))
+    assert x.shape == (5, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+    raw = torch.frombuffer(bytearray(contents[NAMES[2]][16:]), dtype=torch.uint8)
+    assert torch.equal(x.flatten(), raw[: 5 * 784].float() / 255)
+    assert [len(b[1]) for b in d.train] == [5, 5, 2]
+    assert len(d.train) == 3
+
+
+def test_shuffling_is_seeded_and_covers_everything():
+    x, y = torch.arange(10).float(), torch.arange(10)
+    loader = data.TensorLoader(x, y, batch_size=4, shuffle=True, seed=3)
+    first = torch.cat([b[1] for b in loader])
+    second = torch.cat([b[1] for b in loader])
+    loader.reseed(3)
+    again = torch.cat([b[1] for b in loader])
+    assert sorted(first.tolist()) == list(range(10))
+    assert not torch.equal(first, second)  # a new permutation each epoch
+    assert torch.equal(first, again)
+
+
+def test_fast_subset_sizes(fake, monkeypatch):
+    tmp, contents = fake
+    write_fake(tmp / "debian", contents)
+    monkeypatch.setattr(data, "FAST_TRAIN", 7)
+    monkeypatch.setattr(data, "FAST_TEST", 3)
+    monkeypatch.setenv("BNLAB_FAST", "1")
+    d = data.fashion_mnist(batch_size=4)
+    assert (len(d.train.x), len(d.test.x)) == (7, 3)
+    monkeypatch.setenv("BNLAB_FAST", "0")
+    d = data.fashion_mnist(batch_size=4)
+    assert (len(d.train.x), len(d.test.x)) == (12, 6)
+    assert len(data.fashion_mnist(n_train=5, fast=False).train.x) == 5
+
+
+@pytest.mark.skipif(
+    not data.DEBIAN_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed"
+)
+def test_debian_package_files_are_accepted(monkeypatch):
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.setattr(data, "REPO_CACHE", Path("/nonexistent/bnlab-cache"))
+    assert data.locate() == data.DEBIAN_DIR
+    x, y = data.load_tensors(train=False)
+    assert x.shape == (10000, 1, 28, 28) and float(x.max()) == 1.0
+    assert torch.bincount(y).tolist() == [1000] * 10
+
+
+def test_cli_prints_the_location(fake, capsys):
+    tmp, contents = fake
+    write_fake(tmp / "debian", contents)
+    assert data.main() == 0
+    assert str(tmp / "debian") in capsys.readouterr().out
