@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from bnlab import modules, norms
 from bnlab.data import TensorLoader
-from bnlab.fusion import BATCH_NORMS
+from bnlab.modules import BATCH_NORMS
 from bnlab.train import History, evaluate
 
 ACTIVATIONS = (nn.ReLU, nn.Sigmoid, nn.Tanh)

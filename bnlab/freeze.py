@@ -22,16 +22,9 @@ import torch
 from torch import nn
 
 from bnlab import modules
-
-#: BatchNorm base classes recognised everywhere in bnlab: torch.nn's and bnlab's own.
-BN_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, modules._BatchNorm)
+from bnlab.modules import is_batchnorm
 
 _HOOK_ATTR = "_bnlab_freeze_hook"  # the hook handle, kept on the layer it belongs to
-
-
-def is_batchnorm(module: nn.Module) -> bool:
-    """Whether ``module`` is a BatchNorm layer (torch.nn's or bnlab's, any rank)."""
-    return isinstance(module, BN_TYPES)
 
 
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -26,11 +26,11 @@ import torch
 from torch import Tensor, fx, nn
 
 from bnlab import modules
+from bnlab.modules import BATCH_NORMS
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 FOLDABLE = (*CONVS, *CONV_TRANSPOSES, nn.Linear)
-BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, modules._BatchNorm)
 
 
 class FusionError(ValueError):

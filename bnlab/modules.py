@@ -156,3 +156,12 @@ class BatchNorm3d(_BatchNorm):
     """BN over (N, C, D, H, W) input: statistics per channel, over N, D, H and W."""
 
     expected_dims = (5,)
+
+
+#: Every BatchNorm layer bnlab recognises: torch.nn's and bnlab's own, of any rank.
+BATCH_NORMS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, _BatchNorm)
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module`` is a BatchNorm layer (torch.nn's or bnlab's, any rank)."""
+    return isinstance(module, BATCH_NORMS)
