@@ -31,9 +31,6 @@ def fast_mode() -> bool:
     return bool(os.environ.get("CI"))
 
 
-FAST = fast_mode()
-
-
 def pick(fast, full):
     """Return ``fast`` in FAST mode, else ``full``: the one place sizes are chosen."""
     return fast if fast_mode() else full

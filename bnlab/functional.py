@@ -95,12 +95,17 @@ def per_channel(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape(1, -1, *([1] * (x.dim() - 2)))
 
 
+def accumulation_view(x: Tensor) -> Tensor:
+    """``x`` in the dtype BN computes in: float32 for half-precision input, as torch does."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and *biased* variance of ``x``: two (C,) tensors.
 
     Half-precision input is accumulated in float32, as torch does.
     """
-    xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    xs = accumulation_view(x)
     dims = reduce_dims(xs)
     mean = xs.mean(dim=dims)
     var = (xs - per_channel(mean, xs)).square().mean(dim=dims)
@@ -323,18 +328,16 @@ def batch_norm(
     Returns a tensor of x's shape.
     """
     check_batch_norm_args(x, running_mean, running_var, weight, training, eps)
+    xs = accumulation_view(x)
     if training:
         with torch.no_grad():  # the backward accounts for the statistics' dependence on x
-            mean, var = batch_stats(x)
+            mean, var = batch_stats(xs)
         if running_mean is not None and running_var is not None:
             update_running_stats(
                 running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum
             )
     else:
-        mean, var = running_mean, running_var
-        if x.dtype in (torch.float16, torch.bfloat16):
-            mean, var = mean.float(), var.float()
+        mean, var = running_mean.to(xs.dtype), running_var.to(xs.dtype)
     invstd = torch.rsqrt(var + eps)
-    xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     out = BatchNormFunction.apply(xs, weight, bias, mean, invstd, training)
     return out.to(x.dtype)

@@ -99,6 +99,8 @@ class _BatchNorm(nn.Module):
         F.check_floating(x)
 
     def forward(self, x: Tensor) -> Tensor:
+        # Validate before num_batches_tracked is incremented, so a rejected input leaves
+        # the module as it was (the functional call checks again for direct callers).
         self._check_input_dim(x)
         F.check_momentum(self.momentum)  # attributes can be changed after construction
         F.check_eps(self.eps)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import zlib
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ SHAPES = [(8, 3), (5, 4, 7), (4, 3, 5, 6), (2, 3, 3, 4, 5), (2, 1, 1, 1), (3, 6,
 TORCH_HAS_BIAS_ARG = "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float64: dict(atol=1e-12, rtol=1e-12)}
 
-# Largest differences seen, reported by the closing note (printed with -s).
+# Largest differences seen; tests/conftest.py prints them in pytest's summary.
 MAX_DIFF: dict[torch.dtype, float] = {torch.float32: 0.0, torch.float64: 0.0}
 
 
@@ -87,7 +88,9 @@ def run_steps(ours, ref, shape, dtype, steps, channels_last=False, gen=None):
     ),
 )
 def test_matches_torch_over_steps(shape, dtype, momentum, affine, track):
-    gen = torch.Generator().manual_seed(hash((shape, momentum, affine, track)) % 2**31)
+    # crc32, not hash(): hash(None) changes from one process to the next
+    seed = zlib.crc32(repr((shape, dtype, momentum, affine, track)).encode())
+    gen = torch.Generator().manual_seed(seed)
     ours, ref = make_pair(shape, dtype, momentum=momentum, affine=affine, track_running_stats=track)
     run_steps(ours, ref, shape, dtype, steps=3, gen=gen)
 
@@ -266,10 +269,3 @@ def test_integer_dtype_argument():
 def test_bad_num_features(n):
     with pytest.raises(ValueError, match="num_features must be a positive int"):
         modules.BatchNorm1d(n)
-
-
-def test_report_max_differences():
-    """Runs last in this file: prints the largest differences from torch seen above."""
-    seen = {str(k): v for k, v in MAX_DIFF.items()}
-    print(f"\nlargest |bnlab - torch| over all comparisons: {seen}")
-    assert MAX_DIFF[torch.float64] < 1e-12

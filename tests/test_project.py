@@ -51,11 +51,15 @@ def test_gpu_extra_is_numba_cuda_cu13():
     assert [requirement(s)[0] for s in meta["optional-dependencies"]["gpu"]] == ["numba-cuda[cu13]"]
 
 
+def as_tuple(version: str) -> tuple[int, ...]:
+    """'2.14.1+cpu' -> (2, 14, 1)."""
+    return tuple(int(x) for x in version.split("+")[0].split("."))
+
+
 def test_torch_pins_in_makefile_satisfy_pyproject():
     """The Makefile's torch pair must satisfy pyproject's ranges and stay <= 2.14.1."""
     pins = re.search(r"^TORCH_PKGS \?= (.+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
     versions = dict(p.split("==") for p in pins.split())
-    as_tuple = lambda v: tuple(int(x) for x in v.split("+")[0].split("."))  # noqa: E731
     assert as_tuple(versions["torch"]) <= (2, 14, 1)
     assert as_tuple(versions["torchvision"]) <= (0, 29, 1)
     ours = pyproject_requirements()
