@@ -11,31 +11,31 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as TF
 
 from bnlab import functional as F
+from bnlab.fusion import time_interleaved
 
 CPU_SHAPES = [(32, 64, 56, 56), (256, 64, 28, 28), (1024, 512)]
 GPU_SHAPES = [(32, 64, 56, 56), (256, 64, 28, 28), (1024, 512), (64, 256, 56, 56)]
 PASSES = {"fwd": 3, "fwd+bwd": 7}
 
 
-def _time(fn: Callable[[], object], repeat: int, sync: Callable[[], None] = lambda: None) -> float:
-    """Median seconds of ``fn`` over ``repeat`` runs, after two warm-up runs."""
-    for _ in range(2):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _median_times(
+    fns: dict[str, Callable[[], object]], repeat: int, sync: Callable[[], None] = lambda: None
+) -> dict[str, float]:
+    """Median seconds per call of each function, run interleaved (time_interleaved).
+
+    ``sync`` runs inside each timed call (torch.cuda.synchronize on a GPU), so a call's
+    time includes the kernels it queued.
+    """
+    synced = {name: (lambda fn=fn: (fn(), sync())) for name, fn in fns.items()}
+    times = time_interleaved(synced, repeats=repeat)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def copy_bandwidth(nbytes: int = 512 * 2**20, repeat: int = 5, device: str = "cpu") -> float:
@@ -43,25 +43,29 @@ def copy_bandwidth(nbytes: int = 512 * 2**20, repeat: int = 5, device: str = "cp
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    return 2 * nbytes / _time(lambda: dst.copy_(src), repeat, sync) / 1e9
+    seconds = _median_times({"copy": lambda: dst.copy_(src)}, repeat, sync)["copy"]
+    return 2 * nbytes / seconds / 1e9
 
 
 def implementations(device: str) -> dict[str, Callable]:
     """The batch_norm functions compared: name -> f(x, rm, rv, w, b, training)."""
-    impls = {"torch native": TF.batch_norm, "bnlab scratch": F.batch_norm}
-    if device == "cpu":
-        from bnlab.kernels.autograd import batch_norm as kernel_bn
+    from bnlab.kernels.autograd import batch_norm as kernel_bn  # numba: only when measured
 
-        impls["bnlab cpu kernel"] = lambda *a: kernel_bn(*a, backend="cpu")
-    else:
-        from bnlab.kernels.autograd import batch_norm as kernel_bn
-
-        impls["bnlab cuda kernel"] = lambda *a: kernel_bn(*a, backend="cuda")
-    return impls
+    backend = "cpu" if device == "cpu" else "cuda"
+    return {
+        "torch native": TF.batch_norm,
+        "bnlab scratch": F.batch_norm,
+        f"bnlab {backend} kernel": lambda *a: kernel_bn(*a, backend=backend),
+    }
 
 
 def measure(shape, device: str, repeat: int) -> list[dict]:
-    """Training forward and forward+backward time of every implementation on one shape."""
+    """Training forward and forward+backward time of every implementation on one shape.
+
+    The implementations run interleaved, so they share the machine's load; the
+    gradients are reset before each backward (as ``zero_grad()`` does), so no call
+    pays for accumulating into the previous call's gradient.
+    """
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(shape, device=device, generator=g)
     c = shape[1]
@@ -70,25 +74,25 @@ def measure(shape, device: str, repeat: int) -> list[dict]:
     rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
     xg, dy = x.clone().requires_grad_(), torch.randn_like(x)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    rows = []
-    for name, bn in implementations(device).items():
+    impls = implementations(device)
 
-        def fwd(bn=bn):
-            with torch.no_grad():
-                return bn(x, rm, rv, w, b, True, 0.1, 1e-5)
+    def fwd(bn):
+        with torch.no_grad():
+            return bn(x, rm, rv, w, b, True, 0.1, 1e-5)
 
-        def fwd_bwd(bn=bn):
-            bn(xg, rm, rv, w, b, True, 0.1, 1e-5).backward(dy)
+    def fwd_bwd(bn):
+        xg.grad = w.grad = b.grad = None
+        bn(xg, rm, rv, w, b, True, 0.1, 1e-5).backward(dy)
 
-        rows.append(
-            {
-                "shape": tuple(shape),
-                "impl": name,
-                "fwd": _time(fwd, repeat, sync),
-                "fwd+bwd": _time(fwd_bwd, repeat, sync),
-                "nbytes": x.numel() * x.element_size(),
-            }
-        )
+    def timed(step):
+        return _median_times({n: partial(step, bn) for n, bn in impls.items()}, repeat, sync)
+
+    times = {"fwd": timed(fwd), "fwd+bwd": timed(fwd_bwd)}
+    nbytes = x.numel() * x.element_size()
+    rows = [
+        {"shape": tuple(shape), "impl": n, **{k: t[n] for k, t in times.items()}, "nbytes": nbytes}
+        for n in impls
+    ]
     torch_row = rows[0]
     for row in rows:
         for key, passes in PASSES.items():

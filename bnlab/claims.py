@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from bnlab import modules, norms
 from bnlab.data import TensorLoader
+from bnlab.functional import reduce_dims
 from bnlab.modules import BATCH_NORMS
 from bnlab.train import History, evaluate
 
@@ -128,7 +129,7 @@ class ShiftMonitor:
         if not module.training:
             return
         x = inputs[0].detach()
-        dims = (0, *range(2, x.dim()))
+        dims = reduce_dims(x)
         self.means[name].append(x.mean(dims))
         self.stds[name].append(x.std(dims))
 
@@ -170,7 +171,7 @@ def moments(x: Tensor) -> dict[str, float]:
     Returns {"mean", "mean_spread", "std", "skew", "kurtosis"}.
     """
     x = x.detach().double()
-    dims = (0, *range(2, x.dim()))
+    dims = reduce_dims(x)
     mu = x.mean(dims, keepdim=True)
     sd = x.std(dims, unbiased=False, keepdim=True)
     z = (x - mu) / sd.clamp_min(1e-12)
@@ -286,7 +287,7 @@ def variance_shift(model: nn.Module, x: Tensor) -> list[float]:
     ratios = []
     for bn in bns:
         z = seen[bn]
-        var = z.var(dim=(0, *range(2, z.dim())))
+        var = z.var(dim=reduce_dims(z))
         ratios.append((var / bn.running_var).mean().item())
     return ratios
 

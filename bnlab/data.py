@@ -13,6 +13,9 @@ to a temporary folder first and is moved into the cache only once its MD5 is rig
 failed or interrupted download never leaves a partial file behind.
 
 ``python -m bnlab.data`` (``make data``) locates or downloads the data and prints where.
+
+torchvision is imported on first use, not with this module: it adds about a second to
+``import bnlab.data``, which the loaders (``TensorLoader``, ``Data``) do not need.
 """
 
 from __future__ import annotations
@@ -26,17 +29,24 @@ import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torchvision.datasets import FashionMNIST
-from torchvision.datasets.utils import download_url
 
 from bnlab.config import pick
+
+if TYPE_CHECKING:
+    from torchvision.datasets import FashionMNIST
 
 ENV_VAR = "BNLAB_DATA_DIR"
 REPO_CACHE = Path(__file__).resolve().parents[1] / "data"
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
-CLASSES: list[str] = list(FashionMNIST.classes)
+# torchvision's FashionMNIST.classes, spelled out so that importing needs no torchvision
+# (tests/test_data.py checks that the two agree).
+CLASSES: list[str] = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
 
 # FAST mode trains on a fixed random subset; sizes chosen so that LeNet learns in 1-2 epochs.
 FAST_TRAIN = 6000
@@ -47,9 +57,22 @@ class DataError(RuntimeError):
     """Fashion-MNIST could not be found, or a file is corrupt or truncated."""
 
 
+def _torchvision_fashion_mnist() -> type[FashionMNIST]:
+    from torchvision.datasets import FashionMNIST
+
+    return FashionMNIST
+
+
+def download_url(url: str, root: str, filename: str, md5: str) -> None:
+    """torchvision's ``download_url`` (a module-level name, so tests can replace it)."""
+    from torchvision.datasets.utils import download_url as fetch
+
+    fetch(url, root=root, filename=filename, md5=md5)
+
+
 def md5_table() -> dict[str, str]:
     """File name -> MD5 sum of the four raw ``.gz`` files, as torchvision knows them."""
-    return dict(FashionMNIST.resources)
+    return dict(_torchvision_fashion_mnist().resources)
 
 
 def content_md5_table() -> dict[str, str]:
@@ -156,7 +179,7 @@ def download(dest: Path | None = None) -> Path:
         if (dest / name).is_file() and file_md5(dest / name) == md5:
             continue
         errors = []
-        for mirror in FashionMNIST.mirrors:
+        for mirror in _torchvision_fashion_mnist().mirrors:
             with tempfile.TemporaryDirectory(dir=dest, prefix=".partial-") as tmp:
                 try:
                     download_url(mirror + name, root=tmp, filename=name, md5=md5)
@@ -211,33 +234,37 @@ def read_idx(path: Path) -> torch.Tensor:
     return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
 
 
-class _InPlaceFashionMNIST(FashionMNIST):
+@lru_cache(maxsize=1)
+def _in_place_fashion_mnist() -> type[FashionMNIST]:
     """torchvision's FashionMNIST reading the verified ``.gz`` files where they lie."""
 
-    def __init__(self, raw_dir: Path, train: bool) -> None:
-        self._raw_dir = Path(raw_dir)
-        super().__init__(str(raw_dir), train=train, download=False)
+    class _InPlaceFashionMNIST(_torchvision_fashion_mnist()):
+        def __init__(self, raw_dir: Path, train: bool) -> None:
+            self._raw_dir = Path(raw_dir)
+            super().__init__(str(raw_dir), train=train, download=False)
 
-    @property
-    def raw_folder(self) -> str:
-        return str(self._raw_dir)
+        @property
+        def raw_folder(self) -> str:
+            return str(self._raw_dir)
 
-    def _check_legacy_exist(self) -> bool:
-        return False
+        def _check_legacy_exist(self) -> bool:
+            return False
 
-    def _check_exists(self) -> bool:
-        return _complete(self._raw_dir)
+        def _check_exists(self) -> bool:
+            return _complete(self._raw_dir)
 
-    def _load_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        split = "train" if self.train else "t10k"
-        images = read_idx(self._raw_dir / f"{split}-images-idx3-ubyte.gz")
-        labels = read_idx(self._raw_dir / f"{split}-labels-idx1-ubyte.gz")
-        return images, labels.long()
+        def _load_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+            split = "train" if self.train else "t10k"
+            images = read_idx(self._raw_dir / f"{split}-images-idx3-ubyte.gz")
+            labels = read_idx(self._raw_dir / f"{split}-labels-idx1-ubyte.gz")
+            return images, labels.long()
+
+    return _InPlaceFashionMNIST
 
 
 @lru_cache(maxsize=4)
 def _tensors(raw_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    ds = _InPlaceFashionMNIST(raw_dir, train=train)
+    ds = _in_place_fashion_mnist()(raw_dir, train=train)
     # ToTensor's scaling, as d2l uses: float32 in [0, 1], no mean/std normalization.
     return ds.data.unsqueeze(1).float().div_(255.0), ds.targets
 

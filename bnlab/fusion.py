@@ -130,6 +130,15 @@ def _like(new: Tensor, old: Tensor) -> nn.Parameter:
     return nn.Parameter(out, requires_grad=old.requires_grad)
 
 
+def _folded_bias(new: Tensor, layer: nn.Module, c_out: int) -> nn.Parameter:
+    """``new`` (C_out,) as the folded layer's bias: like its old bias or, when it had none,
+    a new one in the weight's dtype and device that learns when the weight does."""
+    if layer.bias is not None:
+        return _like(new, layer.bias)
+    bias = _like(new, layer.weight.new_empty(c_out))
+    return bias.requires_grad_(layer.weight.requires_grad)
+
+
 def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
     """A new layer that computes ``bn(layer(x))`` of an eval-mode pair; inputs are unchanged.
 
@@ -157,10 +166,7 @@ def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
     bias = shift if layer.bias is None else scale * layer.bias.detach().to(torch.float64) + shift
     fused = copy.deepcopy(layer)
     fused.weight = _like(weight * _output_scale(layer, scale), layer.weight)
-    template = layer.weight.new_empty(c_out) if layer.bias is None else layer.bias
-    fused.bias = _like(bias, template)
-    if layer.bias is None:
-        fused.bias.requires_grad_(layer.weight.requires_grad)
+    fused.bias = _folded_bias(bias, layer, c_out)
     return fused
 
 
@@ -208,7 +214,7 @@ def fold_bn_into_next_conv(
         bias = bias + conv.bias.detach().to(torch.float64)
     fused = copy.deepcopy(conv)
     fused.weight = _like(w * scale_w, conv.weight)
-    fused.bias = _like(bias, conv.weight.new_empty(c_out) if conv.bias is None else conv.bias)
+    fused.bias = _folded_bias(bias, conv, c_out)
     return fused
 
 
@@ -342,16 +348,12 @@ def randomize_bn_(model: nn.Module, seed: int = 0) -> nn.Module:
         for m in model.modules():
             if isinstance(m, BATCH_NORMS) and m.running_mean is not None:
                 c = m.num_features
-
-                def draw(lo, hi, normal=False, c=c, like=m.running_mean):
-                    t = torch.randn(c, generator=gen) if normal else torch.rand(c, generator=gen)
-                    return (t * 0.5 if normal else lo + (hi - lo) * t).to(like)
-
-                m.running_mean.copy_(draw(0, 0, normal=True))
-                m.running_var.copy_(draw(0.5, 2.0))
+                m.running_mean.copy_(0.5 * torch.randn(c, generator=gen))
+                m.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=gen))
                 if m.weight is not None:
-                    m.weight.copy_(draw(0.5, 1.5))
-                    m.bias.copy_(draw(0, 0, normal=True))
+                    m.weight.copy_(0.5 + torch.rand(c, generator=gen))
+                if m.bias is not None:  # BatchNorm(..., bias=False) scales without shifting
+                    m.bias.copy_(0.5 * torch.randn(c, generator=gen))
     return model
 
 

@@ -30,13 +30,16 @@ def train_seeds(
     **fit_kwargs,
 ) -> list[History]:
     """One ``fit`` per seed: seed, build ``make_model()``, train; the histories in seed order."""
-    seeds = list(seeds)
-    histories = []
-    for seed in tqdm(seeds, desc=desc, disable=not progress, leave=False):
-        seed_everything(seed)
-        model = make_model()
-        histories.append(fit(model, data, epochs, lr, seed=seed, progress=False, **fit_kwargs))
-    return histories
+    runs = sweep(
+        [lr], lambda _lr: make_model(), data, epochs, lr, seeds, progress, desc, **fit_kwargs
+    )
+    return runs[lr]
+
+
+def _mean_std(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single run) over axis 0, the runs."""
+    std = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1:])
+    return values.mean(axis=0), std
 
 
 def mean_std(histories: Sequence[History], key: str = "test_acc") -> tuple[np.ndarray, np.ndarray]:
@@ -46,9 +49,7 @@ def mean_std(histories: Sequence[History], key: str = "test_acc") -> tuple[np.nd
     """
     if not histories:
         raise ValueError("mean_std needs at least one history")
-    values = np.array([getattr(h, key) for h in histories], dtype=float)  # (runs, epochs)
-    std = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1])
-    return values.mean(axis=0), std
+    return _mean_std(np.array([getattr(h, key) for h in histories], dtype=float))  # (runs, epochs)
 
 
 def sweep(
@@ -108,10 +109,8 @@ def lr_sweep(
 
 def final_accuracy(results: dict[float, list[History]]) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std over seeds of the final test accuracy, one entry per swept value."""
-    finals = [[h.final_test_acc for h in hs] for hs in results.values()]
-    mean = np.array([np.mean(f) for f in finals])
-    std = np.array([np.std(f, ddof=1) if len(f) > 1 else 0.0 for f in finals])
-    return mean, std
+    stats = [_mean_std(np.array([h.final_test_acc for h in hs])) for hs in results.values()]
+    return np.array([m for m, _ in stats]), np.array([s for _, s in stats])
 
 
 def trainable_range(

@@ -66,11 +66,6 @@ def flush_denormals(enabled: bool = True) -> Iterator[bool]:
         torch.set_flush_denormal(False)
 
 
-def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
-    """Fraction of rows of logits (N, C) whose argmax equals the label y (N,)."""
-    return (logits.argmax(dim=1) == y).float().mean().item()
-
-
 def evaluate(
     model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device=None
 ) -> tuple[float, float]:

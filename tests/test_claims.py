@@ -12,7 +12,7 @@ from torch import nn
 from bnlab import claims, modules
 from bnlab.data import TensorLoader
 from bnlab.models import mlp
-from bnlab.train import History
+from bnlab.train import History, evaluate
 
 
 def test_noisy_shift_redraws_in_training_and_is_its_expectation_in_eval():
@@ -85,13 +85,29 @@ def test_accuracy_with_batch_stats_leaves_the_model_alone_and_differs_from_eval(
     assert 0.0 <= acc <= 1.0 and not model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    # with batch statistics a sample's prediction depends on its batch-mates; eval does not
-    probe = TensorLoader(x[:2], y[:2], batch_size=2)
-    alone = TensorLoader(x[:1].repeat(2, 1) + torch.tensor([[0.0], [1.0]]), y[:2], batch_size=2)
-    with torch.no_grad():
+    with torch.no_grad():  # eval mode: a sample's output does not depend on its batch-mates
         assert torch.equal(model(x[:2])[0], model(x[:1])[0])
-    assert claims.accuracy_with_batch_stats(model, probe) >= 0  # runs on a batch of 2
-    assert claims.accuracy_with_batch_stats(model, alone) >= 0
+
+
+def test_accuracy_with_batch_stats_depends_on_the_batch():
+    # BN(1) then class 0 if the normalized value is > 0, else class 1. The running stats
+    # (mean 0, var 1) keep the sign of x; a batch's own mean moves the threshold.
+    bn = modules.BatchNorm1d(1, affine=False)
+    head = nn.Linear(1, 2, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+    model = nn.Sequential(bn, head).eval()
+    x, y = torch.tensor([[1.0], [3.0]]), torch.tensor([0, 0])
+    assert evaluate(model, [(x, y)])[1] == 1.0  # running stats: both positive, both class 0
+    # batch stats: normalized to (-1, 1), so the first sample flips to class 1
+    assert claims.accuracy_with_batch_stats(model, [(x, y)]) == 0.5
+    # the same first sample with a batch-mate below it is normalized to +1: right again
+    assert (
+        claims.accuracy_with_batch_stats(
+            model, [(torch.tensor([[1.0], [-1.0]]), torch.tensor([0, 1]))]
+        )
+        == 1.0
+    )
 
 
 def test_class_sorted_groups_labels():

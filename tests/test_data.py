@@ -228,3 +228,15 @@ def test_cli_prints_the_location(fake, capsys):
     write_fake(tmp / "debian", contents)
     assert data.main() == 0
     assert str(tmp / "debian") in capsys.readouterr().out
+
+
+def test_classes_are_torchvisions_and_import_needs_no_torchvision():
+    import subprocess
+    import sys
+
+    from torchvision.datasets import FashionMNIST
+
+    assert data.CLASSES == list(FashionMNIST.classes)
+    probe = "import sys, bnlab.data; print('torchvision' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # torchvision is imported on first use only

@@ -242,6 +242,25 @@ def test_bn_before_conv_exact_without_zero_padding(groups, mode):
         torch.testing.assert_close(folded(x), conv(bn(x)), **TOL[torch.float32])
 
 
+def test_folded_layers_gain_a_bias_that_learns_like_the_weight():
+    bn = fusion.randomize_bn_(nn.BatchNorm2d(4), 4).eval()
+    after = fusion.fold_bn(nn.Conv2d(2, 4, 1, bias=False).eval(), bn)
+    before = fusion.fold_bn_into_next_conv(bn, nn.Conv2d(4, 3, 1, bias=False).eval())
+    for folded in (after, before):
+        assert folded.bias is not None and folded.bias.requires_grad
+        assert folded.bias.dtype == folded.weight.dtype
+
+
+@pytest.mark.parametrize("cls", [nn.BatchNorm2d, modules.BatchNorm2d])
+def test_randomize_and_fold_bn_without_shift(cls):
+    bn = fusion.randomize_bn_(cls(3, bias=False), 5).eval()  # torch >= 2.14: no beta
+    assert bn.bias is None and not torch.equal(bn.weight, torch.ones(3))
+    conv = nn.Conv2d(2, 3, 3).eval()
+    x = torch.randn(2, 2, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(fusion.fold_bn(conv, bn)(x), bn(conv(x)), **TOL[torch.float32])
+
+
 def test_bn_before_conv_refuses_zero_padding():
     conv = nn.Conv2d(4, 6, 3, padding=1).eval()
     with pytest.raises(FusionError, match="pads with zeros"):

@@ -79,7 +79,11 @@ def test_update_running_stats_matches_functional():
     K.update_running_stats(rm1, rv1, mean, var, 10, 0.3)
     F.update_running_stats(rm2, rv2, mean, var, 10, 0.3)
     assert torch.equal(rm1, rm2) and torch.equal(rv1, rv2)
-    assert rv1[0].item() == pytest.approx(0.7 + 0.3 * 4.0 * 10 / 9)
+    # by hand: momentum 0.3 on the new value, the unbiased variance (m = 10)
+    assert rm1.tolist() == pytest.approx([0.3, -0.6])
+    assert rv1.tolist() == pytest.approx([0.7 + 0.3 * 4.0 * 10 / 9, 0.7 + 0.3 * 0.5 * 10 / 9])
+    with pytest.raises(ValueError, match=r"running_var must have shape \(2,\)"):
+        K.update_running_stats(rm1, torch.ones(3), mean, var, 10, 0.3)
 
 
 def test_welford_chan_is_stable_where_the_naive_formula_fails():
@@ -100,6 +104,10 @@ def test_bad_inputs_raise_clear_errors():
         K.channel_stats(x.half())
     with pytest.raises(TypeError, match="torch.Tensor"):
         K.channel_stats(x.numpy())
+    with pytest.raises(ValueError, match=r"input is on meta.*call \.cpu\(\) first"):
+        K.channel_stats(x.to("meta"))
+    with pytest.raises(ValueError, match=r"input is on meta.*call \.cpu\(\) first"):
+        K.backward_elementwise(dy, x.to("meta"), mean, invstd, w, mean, mean, 75)
     with pytest.raises(ValueError, match=r"weight must have shape \(2,\)"):
         K.normalize(x, mean, invstd, torch.ones(3), b)
     with pytest.raises(TypeError, match="bias is torch.float64"):

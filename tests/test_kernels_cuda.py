@@ -99,8 +99,10 @@ def test_bad_inputs_raise_clear_errors():
         K.normalize(x, mean, invstd[:1], w, b)
     with pytest.raises(ValueError, match="grad_output must match"):
         K.backward_elementwise(dy.double(), x, mean, invstd, w, mean, mean, 75)
-    if K.SIMULATOR:  # the simulator works on host memory; a GPU tensor is refused
+    if K.SIMULATOR:  # the simulator works on host memory; any other device is refused
         assert K.available() == "simulator"
+        with pytest.raises(ValueError, match=r"input is on meta.*host \(CPU\) tensors"):
+            K.channel_stats(x.to("meta"))
     else:
         with pytest.raises(ValueError, match="call .cuda"):
             K.channel_stats(x.cpu())

@@ -85,7 +85,7 @@ def test_evaluate_restores_mode_and_uses_running_stats(start_training):
         logits = torch.cat([model(x) for x, _ in d.test])
     expected = nn.functional.cross_entropy(logits, d.test.y).item()
     assert loss == pytest.approx(expected, rel=1e-5)
-    assert acc == pytest.approx(train.accuracy(logits, d.test.y))
+    assert acc == pytest.approx((logits.argmax(dim=1) == d.test.y).float().mean().item())
 
 
 def test_evaluate_restores_mode_after_an_error():
@@ -114,8 +114,8 @@ def test_flush_denormals_flushes_inside_and_restores():
         inside = (tiny * 1.0).item()
     outside = (tiny * 1.0).item()
     assert outside > 0.0
-    if supported:  # x86 with SSE3; elsewhere torch cannot flush and says so
-        assert inside == 0.0
+    # x86 with SSE3 flushes; elsewhere torch cannot, says so, and the value must survive
+    assert inside == (0.0 if supported else outside)
 
 
 def test_sweeps_repeat_seeds_and_summarize():

@@ -15,7 +15,7 @@ from bnlab import plots, widgets  # noqa: E402
 def test_trajectory_approaches_population_values():
     t = widgets.running_stat_trajectory(0.1, 64, 200, population_mean=2.0, population_std=3.0)
     assert t.running_mean.shape == (200,)
-    assert abs(t.running_mean[0] - 0.2 * (t.batch_mean[0] / 2.0)) < 1e-12  # 0.9*0 + 0.1*mean
+    assert abs(t.running_mean[0] - 0.1 * t.batch_mean[0]) < 1e-12  # 0.9 * 0 + 0.1 * mean
     tail_mean, tail_var = t.running_mean[-50:].mean(), t.running_var[-50:].mean()
     assert abs(tail_mean - 2.0) < 0.3 and abs(tail_var - 9.0) < 1.5
     # the running average is smoother than the batch values it averages

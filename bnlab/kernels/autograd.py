@@ -93,10 +93,13 @@ class _KernelMixin:
     """Route a bnlab BatchNorm module's functional call through the kernels.
 
     The train/eval logic stays in bnlab.modules._BatchNorm.forward; only its
-    ``_normalize`` hook is replaced.
+    ``_normalize`` hook is replaced; ``backend`` is a keyword of the constructor.
     """
 
-    backend: str = "cpu"
+    def __init__(self, *args, backend: str = "cpu", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        ops(backend)  # an unknown backend fails here, not at the first forward
+        self.backend = backend
 
     def _normalize(self, x, running_mean, running_var, training: bool, momentum: float) -> Tensor:
         return batch_norm(
@@ -115,16 +118,6 @@ class _KernelMixin:
 class BatchNorm1d(_KernelMixin, modules.BatchNorm1d):
     """bnlab.modules.BatchNorm1d computed by the kernels; ``backend`` as a keyword."""
 
-    def __init__(self, *args, backend: str = "cpu", **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        ops(backend)
-        self.backend = backend
-
 
 class BatchNorm2d(_KernelMixin, modules.BatchNorm2d):
     """bnlab.modules.BatchNorm2d computed by the kernels; ``backend`` as a keyword."""
-
-    def __init__(self, *args, backend: str = "cpu", **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        ops(backend)
-        self.backend = backend

@@ -13,6 +13,8 @@ from torch import Tensor
 from bnlab import functional as F
 
 DTYPES = (torch.float32, torch.float64)
+# A backend's (device type, remedy): where its kernels need their tensors, and how to get there.
+Device = tuple[str, str]
 
 
 def check_tensor(t, name: str) -> None:
@@ -42,8 +44,12 @@ def check_device(x: Tensor, device_type: str, remedy: str) -> None:
         raise ValueError(f"input is on {x.device}, expected a {device_type} tensor: {remedy}")
 
 
-def check_inputs(x: Tensor, *vectors: tuple[str, Tensor]) -> tuple[int, int, int]:
-    """Check x (N, C, *) and per-channel vectors; return (N, C, HW) for the flat layout."""
+def check_inputs(
+    x: Tensor, *vectors: tuple[str, Tensor], device: Device | None = None
+) -> tuple[int, int, int]:
+    """Check x (N, C, *), on ``device`` when given, and per-channel vectors; return (N, C, HW)."""
+    if device is not None:
+        check_device(x, *device)
     check_tensor(x, "input")
     if x.dim() < 2:
         raise ValueError(f"expected an input of at least 2 dimensions (N, C, ...), got {x.dim()}D")
@@ -74,12 +80,6 @@ def check_like(t: Tensor, x: Tensor, name: str) -> None:
         )
 
 
-def check_eps_and_count(x: Tensor, eps: float) -> None:
-    """eps > 0, and more than one value per channel (the statistics need two)."""
-    F.check_eps(eps)
-    F.check_batch_size(x)
-
-
 def check_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor) -> None:
     """The four (C,) vectors of a running-statistics update agree in shape, dtype, device."""
     check_tensor(mean, "mean")
@@ -87,7 +87,7 @@ def check_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: 
     check_inputs(probe, ("running_mean", running_mean), ("running_var", running_var), ("var", var))
 
 
-def affine_or_identity(
+def _affine_or_identity(
     x: Tensor, weight: Tensor | None, bias: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """weight/bias, with ones/zeros standing in for a missing one (affine=False)."""
@@ -97,3 +97,65 @@ def affine_or_identity(
     if bias is None:
         bias = torch.zeros(c, dtype=x.dtype, device=x.device)
     return weight, bias
+
+
+# One check per kernel operation, shared by the CPU and CUDA wrappers (``device`` differs).
+
+
+def check_stats_args(x: Tensor, eps: float, device: Device) -> tuple[int, int, int]:
+    """channel_stats: x (N, C, *) on ``device``, eps > 0, more than one value per channel.
+
+    Returns (N, C, HW).
+    """
+    shape = check_inputs(x, device=device)
+    F.check_eps(eps)
+    F.check_batch_size(x)
+    return shape
+
+
+def check_normalize_args(
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    device: Device,
+) -> tuple[int, int, Tensor, Tensor]:
+    """normalize: x (N, C, *) on ``device``, the rest (C,) like x.
+
+    Returns (C, HW, weight, bias), with ones/zeros for a missing weight/bias.
+    """
+    weight, bias = _affine_or_identity(x, weight, bias)
+    vectors = (("mean", mean), ("invstd", invstd), ("weight", weight), ("bias", bias))
+    _, c, hw = check_inputs(x, *vectors, device=device)
+    return c, hw, weight, bias
+
+
+def check_backward_reduce_args(
+    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, device: Device
+) -> tuple[int, int, int]:
+    """backward_reduce: x (N, C, *) on ``device``, mean/invstd (C,), dy like x; (N, C, HW)."""
+    shape = check_inputs(x, ("mean", mean), ("invstd", invstd), device=device)
+    check_like(dy, x, "grad_output")
+    return shape
+
+
+def check_backward_elementwise_args(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    device: Device,
+) -> tuple[int, int, Tensor]:
+    """backward_elementwise: x (N, C, *) on ``device``, dy like x, the rest (C,) like x.
+
+    Returns (C, HW, weight), with ones for a missing weight.
+    """
+    weight, _ = _affine_or_identity(x, weight, None)
+    vectors = (("mean", mean), ("invstd", invstd), ("weight", weight), ("sum_dy", sum_dy))
+    _, c, hw = check_inputs(x, *vectors, ("sum_dy_xhat", sum_dy_xhat), device=device)
+    check_like(dy, x, "grad_output")
+    return c, hw, weight

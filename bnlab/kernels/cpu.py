@@ -23,6 +23,7 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
+from bnlab import functional as F
 from bnlab.kernels import checks
 
 # reassoc lets LLVM vectorize the sums (it may reorder the additions); no other liberty.
@@ -158,9 +159,7 @@ def _flat(t: Tensor) -> np.ndarray:
     return t.detach().reshape(-1).numpy()
 
 
-def _check(x: Tensor, *vectors) -> tuple[int, int, int]:
-    checks.check_device(x, "cpu", "the CPU kernels need CPU tensors: call .cpu() first")
-    return checks.check_inputs(x, *vectors)
+_DEVICE = ("cpu", "the CPU kernels need CPU tensors: call .cpu() first")
 
 
 def _chunks(n: int) -> int:
@@ -170,8 +169,7 @@ def _chunks(n: int) -> int:
 
 def channel_stats(x: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel mean, biased variance and 1/sqrt(var + eps) of x (N, C, *): three (C,)."""
-    N, C, HW = _check(x)
-    checks.check_eps_and_count(x, eps)
+    N, C, HW = checks.check_stats_args(x, eps, _DEVICE)
     k = _chunks(N)
     cnt, pmean, pm2 = np.zeros(k), np.zeros((k, C)), np.zeros((k, C))
     _stats_chunks(_flat(x), N, C, HW, k, cnt, pmean, pm2)
@@ -184,8 +182,7 @@ def normalize(
     x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
 ) -> Tensor:
     """y = (x - mean) * invstd * weight + bias per channel; x (N, C, *), the rest (C,)."""
-    weight, bias = checks.affine_or_identity(x, weight, bias)
-    N, C, HW = _check(x, ("mean", mean), ("invstd", invstd), ("weight", weight), ("bias", bias))
+    C, HW, weight, bias = checks.check_normalize_args(x, mean, invstd, weight, bias, _DEVICE)
     y = torch.empty_like(x)
     vecs = (t.numpy() for t in (mean, invstd, weight, bias))
     _normalize(_flat(x), C, HW, *vecs, _flat(y))
@@ -194,8 +191,7 @@ def normalize(
 
 def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel sum(dy) and sum(dy * x_hat): two (C,) tensors (dbeta and dgamma)."""
-    N, C, HW = _check(x, ("mean", mean), ("invstd", invstd))
-    checks.check_like(dy, x, "grad_output")
+    N, C, HW = checks.check_backward_reduce_args(dy, x, mean, invstd, _DEVICE)
     k = _chunks(N)
     pa, pb = np.zeros((k, C)), np.zeros((k, C))
     _backward_reduce_chunks(_flat(x), _flat(dy), N, C, HW, k, mean.numpy(), invstd.numpy(), pa, pb)
@@ -216,10 +212,9 @@ def backward_elementwise(
 
     With ``sum_dy = sum_dy_xhat = 0`` this is the eval-mode gradient dy * weight * invstd.
     """
-    weight, _ = checks.affine_or_identity(x, weight, None)
-    vectors = (("mean", mean), ("invstd", invstd), ("weight", weight), ("sum_dy", sum_dy))
-    N, C, HW = _check(x, *vectors, ("sum_dy_xhat", sum_dy_xhat))
-    checks.check_like(dy, x, "grad_output")
+    C, HW, weight = checks.check_backward_elementwise_args(
+        dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, _DEVICE
+    )
     dx = torch.empty_like(x)
     vecs = (t.numpy() for t in (mean, invstd, weight, sum_dy, sum_dy_xhat))
     _backward_elementwise(_flat(x), _flat(dy), C, HW, *vecs, 1.0 / count, _flat(dx))
@@ -236,6 +231,4 @@ def update_running_stats(
 ) -> None:
     """In place; a (C,)-sized update, so it is bnlab.functional's (no kernel to gain from)."""
     checks.check_running(running_mean, running_var, mean, var)
-    from bnlab.functional import update_running_stats as update
-
-    update(running_mean, running_var, mean, var, count, momentum)
+    F.update_running_stats(running_mean, running_var, mean, var, count, momentum)

@@ -263,12 +263,11 @@ def _launch(kernel, grid, block: int, *args) -> None:
         kernel[grid, block, stream](*args)
 
 
-def _check(x: Tensor, *vectors: tuple[str, Tensor | None]) -> tuple[int, int, int]:
-    if SIMULATOR:
-        checks.check_device(x, "cpu", "the CUDA simulator works on host (CPU) tensors")
-    else:
-        checks.check_device(x, "cuda", "the GPU kernels need CUDA tensors: call .cuda() first")
-    return checks.check_inputs(x, *vectors)
+_DEVICE = (
+    ("cpu", "the CUDA simulator works on host (CPU) tensors")
+    if SIMULATOR
+    else ("cuda", "the GPU kernels need CUDA tensors: call .cuda() first")
+)
 
 
 def _elementwise_grid(total: int) -> int:
@@ -281,8 +280,7 @@ def channel_stats(x: Tensor, eps: float = 1e-5, split: int | None = None):
     ``split``: number of blocks per channel; None picks 1 (one block per channel) unless
     there are few channels for many values, when the split variant fills the GPU.
     """
-    N, C, HW = _check(x)
-    checks.check_eps_and_count(x, eps)
+    N, C, HW = checks.check_stats_args(x, eps, _DEVICE)
     k = kernels(x.dtype)
     mean, var, invstd = (torch.empty(C, dtype=x.dtype, device=x.device) for _ in range(3))
     m = N * HW
@@ -301,8 +299,7 @@ def channel_stats(x: Tensor, eps: float = 1e-5, split: int | None = None):
 
 def normalize(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None):
     """y = (x - mean) * invstd * weight + bias per channel; x (N, C, *), the rest (C,)."""
-    weight, bias = checks.affine_or_identity(x, weight, bias)
-    N, C, HW = _check(x, ("mean", mean), ("invstd", invstd), ("weight", weight), ("bias", bias))
+    C, HW, weight, bias = checks.check_normalize_args(x, mean, invstd, weight, bias, _DEVICE)
     y = torch.empty_like(x)
     args = (_device_array(x), C, HW, *(_device_array(t) for t in (mean, invstd, weight, bias)))
     _launch(
@@ -313,8 +310,7 @@ def normalize(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bi
 
 def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor):
     """Per-channel sum(dy) and sum(dy * x_hat): two (C,) tensors (dbeta and dgamma)."""
-    N, C, HW = _check(x, ("mean", mean), ("invstd", invstd))
-    checks.check_like(dy, x, "grad_output")
+    _, C, HW = checks.check_backward_reduce_args(dy, x, mean, invstd, _DEVICE)
     sum_dy, sum_dy_xhat = torch.empty_like(mean), torch.empty_like(mean)
     args = [_device_array(t) for t in (x, dy)] + [C, HW]
     args += [_device_array(t) for t in (mean, invstd, sum_dy, sum_dy_xhat)]
@@ -336,10 +332,9 @@ def backward_elementwise(
 
     With ``sum_dy = sum_dy_xhat = 0`` this is the eval-mode gradient dy * weight * invstd.
     """
-    weight, _ = checks.affine_or_identity(x, weight, None)
-    vectors = (("mean", mean), ("invstd", invstd), ("weight", weight), ("sum_dy", sum_dy))
-    N, C, HW = _check(x, *vectors, ("sum_dy_xhat", sum_dy_xhat))
-    checks.check_like(dy, x, "grad_output")
+    C, HW, weight = checks.check_backward_elementwise_args(
+        dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, _DEVICE
+    )
     dx = torch.empty_like(x)
     args = [_device_array(t) for t in (x, dy)] + [C, HW]
     args += [_device_array(t) for t in (mean, invstd, weight, sum_dy, sum_dy_xhat)]
