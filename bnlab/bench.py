@@ -10,8 +10,13 @@ tensor larger than the caches (a copy reads and writes: 2 passes).
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import statistics
-from collections.abc import Callable
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -176,6 +181,57 @@ def fusion_section(quick: bool = False, threads: int | None = None) -> list[dict
     print("x: unfused time / folded time (>1 is faster)\n")
     print(format_speed_table(rows))
     return rows
+
+
+# Kineto, the profiler's C++ backend, logs as `LEVEL:date time pid:tid File.cpp:line] text`
+# straight to file descriptor 2, e.g. "gpuGetDeviceCount failed with code 35" on every
+# machine without a GPU even when only the CPU is profiled.
+_KINETO_LINE = re.compile(r"^[A-Z]+:\d{4}-\d\d-\d\d \S+ \d+:\d+ \w+\.cpp:\d+\] ")
+
+
+@contextmanager
+def _without_kineto_chatter() -> Iterator[None]:
+    """Drop Kineto's log lines written to fd 2 inside the block; pass every other line on.
+
+    Python's warning filters cannot see them (C++ writes to the descriptor, not to
+    sys.stderr), so fd 2 is pointed at a temporary file for the block and read back.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode(errors="replace")
+    kept = [line for line in text.splitlines(keepends=True) if not _KINETO_LINE.match(line)]
+    if kept:
+        sys.stderr.write("".join(kept))
+
+
+def operator_shares(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Share of self CPU time per kind of operator in one inference forward pass.
+
+    Kinds: "batch_norm", "conv" (convolution and mkldnn kernels) and "other"; the shares sum
+    to 1. One warm-up pass runs first. Measured with torch.profiler (CPU activity only).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        model(x)
+        with _without_kineto_chatter(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(x)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    shares = {"batch_norm": 0.0, "conv": 0.0, "other": 0.0}
+    for e in events:
+        conv = "conv" in e.key or "mkldnn" in e.key
+        kind = "batch_norm" if "batch_norm" in e.key else "conv" if conv else "other"
+        shares[kind] += e.self_cpu_time_total / total
+    return shares
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,7 +12,11 @@ Found files are read in place (no copy), after their MD5 sums are checked. A dow
 to a temporary folder first and is moved into the cache only once its MD5 is right, so a
 failed or interrupted download never leaves a partial file behind.
 
-``python -m bnlab.data`` (``make data``) locates or downloads the data and prints where.
+``python -m bnlab.data`` (``make data``, which ``make test`` and ``make lab`` run first) goes
+further, in this order: the places above; Debian's package, installed with ``apt-get`` where
+that is possible (root, apt-get present); torchvision's download, every network operation
+bounded by a timeout (torchvision's downloader sets none, and an offline machine must not
+hang). If all three fail it prints one message naming the remedies and exits with 1.
 
 torchvision is imported on first use, not with this module: it adds about a second to
 ``import bnlab.data``, which the loaders (``TensorLoader``, ``Data``) do not need.
@@ -23,9 +27,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import shutil
+import socket
 import struct
+import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -41,6 +49,9 @@ if TYPE_CHECKING:
 ENV_VAR = "BNLAB_DATA_DIR"
 REPO_CACHE = Path(__file__).resolve().parents[1] / "data"
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+DEBIAN_PACKAGE = "dataset-fashion-mnist"
+# Seconds any one network operation (connect, read) of a download may take.
+DOWNLOAD_TIMEOUT = 30.0
 # torchvision's FashionMNIST.classes, spelled out so that importing needs no torchvision
 # (tests/test_data.py checks that the two agree).
 CLASSES: list[str] = [
@@ -55,6 +66,11 @@ FAST_TEST = 2000
 
 class DataError(RuntimeError):
     """Fashion-MNIST could not be found, or a file is corrupt or truncated."""
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython shows these lines instead of a traceback: a notebook opened without the
+        # data shows what to do, not twenty frames of torchvision and bnlab internals.
+        return [f"DataError: {line}" if i == 0 else line for i, line in enumerate(str(self).splitlines())]
 
 
 def _torchvision_fashion_mnist() -> type[FashionMNIST]:
@@ -167,14 +183,35 @@ def locate() -> Path | None:
     return None
 
 
-def download(dest: Path | None = None) -> Path:
+@contextmanager
+def _network_timeout(seconds: float):
+    """Bound every socket operation started inside (urllib's default is to wait forever)."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def download(dest: Path | None = None, timeout: float = DOWNLOAD_TIMEOUT) -> Path:
     """Download the four files into ``dest`` (default: the repo cache's torchvision layout).
 
     Each file is fetched into a temporary folder beside ``dest``, MD5-checked by torchvision,
-    and only then moved into place, so nothing partial is ever left in ``dest``.
+    and only then moved into place, so nothing partial is ever left in ``dest``. Every
+    network operation gives up after ``timeout`` seconds.
     """
     dest = Path(dest) if dest is not None else REPO_CACHE / "FashionMNIST" / "raw"
     dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with _network_timeout(timeout):
+            _download_into(dest)
+    except DownloadError as err:
+        raise DataError(_not_found_message(f"download failed: {err.reason}")) from err
+    return dest
+
+
+def _download_into(dest: Path) -> None:
     for name, md5 in md5_table().items():
         if (dest / name).is_file() and file_md5(dest / name) == md5:
             continue
@@ -191,8 +228,15 @@ def download(dest: Path | None = None) -> Path:
                 os.replace(Path(tmp) / name, dest / name)
                 break
         else:
-            raise DataError(_not_found_message("; ".join(errors)))
-    return dest
+            raise DownloadError("; ".join(errors))
+
+
+class DownloadError(DataError):
+    """No mirror delivered a file; ``reason`` lists each mirror's error."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def _not_found_message(reason: str) -> str:
@@ -200,10 +244,11 @@ def _not_found_message(reason: str) -> str:
     return (
         "Fashion-MNIST was not found and could not be downloaded "
         f"({reason}).\nSearched:\n{searched}\nGet it one of three ways:\n"
-        "  1. with internet access, run `make data` (downloads into the repo's data/ cache);\n"
-        "  2. `sudo apt install dataset-fashion-mnist` (Debian/Ubuntu, "
-        f"installs into {DEBIAN_DIR});\n"
-        f"  3. put the four .gz files in a folder and set {ENV_VAR} to it."
+        f"  1. `sudo apt install {DEBIAN_PACKAGE}` (Debian/Ubuntu, installs into {DEBIAN_DIR});\n"
+        f"  2. put the four .gz files in a folder and set {ENV_VAR} to it, e.g. copied from "
+        "a machine with internet where `make data` downloaded them into data/FashionMNIST/raw;\n"
+        "  3. on a machine with internet access, run `make data` (downloads into the repo's "
+        "data/ cache)."
     )
 
 
@@ -368,10 +413,75 @@ def fashion_mnist(
     )
 
 
+def install_debian_package(timeout: float = 600.0) -> str | None:
+    """``apt-get install dataset-fashion-mnist`` where possible; None on success, else why not.
+
+    Runs only as root with apt-get on the PATH (never sudo: setup must not prompt). When the
+    package is unknown because the package lists were never fetched (fresh containers), it
+    runs ``apt-get update`` once and tries again.
+    """
+    if shutil.which("apt-get") is None:
+        return "apt-get is not available"
+    if os.geteuid() != 0:
+        return f"not root (run `sudo apt install {DEBIAN_PACKAGE}` yourself)"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "-qq", DEBIAN_PACKAGE]
+    reason = "apt-get install failed"
+    for command in (install, ["apt-get", "update", "-qq"], install):
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return f"`{' '.join(command)}` did not finish within {timeout:.0f} s"
+        if done.returncode == 0 and command is install:
+            return None
+        if done.returncode != 0:
+            last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            reason = f"`{' '.join(command)}` failed: {last[0]}"
+            if command[1] == "update":
+                return reason
+    return reason
+
+
+def setup_data(apt: bool = True, download_timeout: float | None = DOWNLOAD_TIMEOUT) -> Path:
+    """What ``make data`` does: locate, else install Debian's package, else download.
+
+    ``apt=False`` skips the package; ``download_timeout=None`` skips the download. Prints
+    each step it takes; raises DataError naming every remedy when all of them fail.
+    """
+    found = locate()
+    if found is not None:
+        return found
+    tried = []
+    if apt:
+        print(f"Fashion-MNIST not found; installing Debian's {DEBIAN_PACKAGE} with apt-get ...")
+        why = install_debian_package()
+        found = locate()
+        if found is not None:
+            return found
+        tried.append(f"apt-get: {why or 'installed, but the files are not in ' + str(DEBIAN_DIR)}")
+    if download_timeout is not None:
+        print(f"downloading Fashion-MNIST (about 30 MB; {download_timeout:g} s network timeout) ...")
+        try:
+            return download(timeout=download_timeout)
+        except DataError as err:
+            cause = err.__cause__
+            tried.append(f"download: {cause.reason if isinstance(cause, DownloadError) else err}")
+    raise DataError(_not_found_message("; ".join(tried) or "nothing was tried"))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bnlab.data``: locate or download Fashion-MNIST and print where it is."""
+    """``python -m bnlab.data``: locate, install or download Fashion-MNIST; print where it is."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bnlab.data", description=main.__doc__)
+    parser.add_argument("--no-apt", action="store_true", help=f"do not apt-get {DEBIAN_PACKAGE}")
+    parser.add_argument("--no-download", action="store_true", help="do not download")
+    parser.add_argument(
+        "--timeout", type=float, default=DOWNLOAD_TIMEOUT, help="network timeout in seconds"
+    )
+    args = parser.parse_args(argv)
     try:
-        where = ensure()
+        where = setup_data(not args.no_apt, None if args.no_download else args.timeout)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

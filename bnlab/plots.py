@@ -14,6 +14,15 @@ import torch
 from torch import Tensor, nn
 
 
+def fmt(value: float | None) -> str:
+    """A number as a title or label shows it: 3 significant digits, no float noise.
+
+    Sliders produce values such as 0.01 + 9 * 0.01 = 0.09999999999999999; printed raw,
+    that noise lands in the figure. ``fmt`` gives '0.1', '1e-05', '16', and 'None'.
+    """
+    return "None" if value is None else f"{value:.3g}"
+
+
 @torch.no_grad()
 def layer_activations(
     model: nn.Module, x: Tensor, kind: type[nn.Module] | tuple[type[nn.Module], ...] = nn.Tanh
@@ -52,8 +61,13 @@ def activation_histograms(
     and its standard deviation.
     """
     if axes is None:
+        # constrained layout makes room for the suptitle above the panels' own titles
         _, axes = plt.subplots(
-            1, len(activations), figsize=(2.2 * len(activations), 2.2), sharey=True
+            1,
+            len(activations),
+            figsize=(2.2 * len(activations), 2.4),
+            sharey=True,
+            layout="constrained",
         )
         axes = np.atleast_1d(axes)
     for i, (ax, a) in enumerate(zip(axes, activations.values(), strict=True)):
@@ -62,7 +76,7 @@ def activation_histograms(
         ax.set_title(f"layer {i + 1}\nstd {values.std():.3f}", fontsize=9)
         ax.set_yticks([])
     if title:
-        axes[0].figure.suptitle(title, y=1.08)
+        axes[0].figure.suptitle(title)
     return axes
 
 
@@ -112,7 +126,7 @@ def running_stats(traj, ax: Sequence[plt.Axes] | None = None) -> Sequence[plt.Ax
         ylabel="variance",
         target=traj.population_std**2,
     )
-    ax[0].set_title(f"momentum={traj.momentum}, batch size={traj.batch_size}", fontsize=9)
+    ax[0].set_title(f"momentum={fmt(traj.momentum)}, batch size={traj.batch_size}", fontsize=9)
     return ax
 
 
@@ -125,10 +139,10 @@ def eps_curve(effect, ax: plt.Axes | None = None) -> plt.Axes:
         _, ax = plt.subplots(figsize=(5, 3))
     ax.semilogx(effect.eps_grid, effect.std_grid, label="std of BN output")
     ax.axvline(effect.channel_std**2, color="gray", ls=":", label="channel variance")
-    ax.plot([effect.eps], [effect.output_std], "o", color="C3", label=f"eps={effect.eps:.1e}")
+    ax.plot([effect.eps], [effect.output_std], "o", color="C3", label=f"eps={fmt(effect.eps)}")
     ax.set_xlabel("eps")
     ax.set_ylabel("output std")
     ax.set_ylim(0, 1.1)
-    ax.set_title(f"channel std {effect.channel_std:g}", fontsize=9)
+    ax.set_title(f"channel std {fmt(effect.channel_std)}", fontsize=9)
     ax.legend(fontsize=8)
     return ax

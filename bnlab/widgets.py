@@ -127,9 +127,14 @@ class DashboardResult:
 
 
 class Dashboard:
-    """Sliders ``eps``, ``momentum``, ``batch_size``, checkbox ``cumulative``; ``output``
-    shows the figure; ``result`` holds the last :class:`DashboardResult`; ``updates``
-    counts recomputations. Display it with ``display(dash)`` or as a cell's last value.
+    """Sliders ``eps``, ``momentum``, ``batch_size``, checkbox ``cumulative``; ``title``
+    states the values plotted, ``output`` shows the figure; ``result`` holds the last
+    :class:`DashboardResult`; ``updates`` counts recomputations. Display it with
+    ``display(dash)`` or as a cell's last value.
+
+    Its display carries, besides the live widget, a PNG of the figure it showed when it was
+    displayed: readers without a kernel or widget support (GitHub, nbviewer, an untrusted
+    notebook) see that picture instead of a widget's text form.
     """
 
     def __init__(self, steps: int = 60, channel_std: float = 1e-3, seed: int = 0, plot=True):
@@ -143,18 +148,36 @@ class Dashboard:
         self.momentum = w.FloatSlider(
             value=0.1, min=0.01, max=1.0, step=0.01, description="momentum (PyTorch)", style=style
         )
-        self.cumulative = w.Checkbox(value=False, description="momentum=None (cumulative)")
+        # indent=False: the label goes right of the box at its full width (an indented
+        # checkbox reserves the description column and clips longer labels).
+        self.cumulative = w.Checkbox(
+            value=False, description="momentum=None (cumulative)", indent=False
+        )
         self.batch_size = w.IntSlider(
             value=16, min=2, max=256, step=1, description="batch size", style=style
         )
+        self.title = w.HTML()
         self.output = w.Output()
         self.widget = w.VBox(
             [
                 w.HBox([self.eps, self.batch_size]),
                 w.HBox([self.momentum, self.cumulative]),
+                self.title,
                 self.output,
             ]
         )
+        # CSS classes name the parts for browser tests (tests/browser) and custom styles.
+        for part, name in [
+            (self.widget, "dashboard"),
+            (self.eps, "eps"),
+            (self.momentum, "momentum"),
+            (self.batch_size, "batch-size"),
+            (self.cumulative, "cumulative"),
+            (self.title, "title"),
+            (self.output, "output"),
+        ]:
+            part.add_class(f"bnlab-{name}")
+        self.png: str | None = None  # the last figure, base64 PNG
         self.updates = 0
         self.result: DashboardResult | None = None
         for slider in (self.eps, self.momentum, self.cumulative, self.batch_size):
@@ -170,9 +193,20 @@ class Dashboard:
         eff = eps_effect(float(self.eps.value), self.channel_std, seed=self.seed)
         return DashboardResult(traj, eff)
 
+    def caption(self) -> str:
+        """The values the current figure shows, formatted as its titles print them."""
+        from bnlab.plots import fmt
+
+        traj = self.result.trajectory
+        return (
+            f"eps={fmt(self.result.eps.eps)} · momentum={fmt(traj.momentum)} · "
+            f"batch size={traj.batch_size}"
+        )
+
     def _update(self, _change=None) -> None:
         self.result = self.compute()
         self.updates += 1
+        self.title.value = f"<b>{self.caption()}</b>"
         if self.plot:
             self._draw()
 
@@ -192,17 +226,21 @@ class Dashboard:
         fig.savefig(buf, format="png", dpi=80)
         plt.close(fig)  # shown in the Output only, not again below the cell
         # Set the Output's content directly: works with and without a running kernel.
-        png = base64.b64encode(buf.getvalue()).decode("ascii")
+        self.png = base64.b64encode(buf.getvalue()).decode("ascii")
         self.output.outputs = (
             {
                 "output_type": "display_data",
-                "data": {"image/png": png, "text/plain": "<dashboard figure>"},
+                "data": {"image/png": self.png, "text/plain": "<dashboard figure>"},
                 "metadata": {},
             },
         )
 
     def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        bundle["text/plain"] = f"<eps/momentum dashboard: {self.caption()}; run the notebook to use it>"
+        if self.png is not None:  # the static figure for readers without widgets
+            bundle["image/png"] = self.png
+        return bundle
 
 
 def dashboard(steps: int = 60, channel_std: float = 1e-3, seed: int = 0, plot: bool = True):

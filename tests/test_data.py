@@ -226,7 +226,7 @@ def test_debian_package_files_are_accepted(monkeypatch):
 def test_cli_prints_the_location(fake, capsys):
     tmp, contents = fake
     write_fake(tmp / "debian", contents)
-    assert data.main() == 0
+    assert data.main([]) == 0
     assert str(tmp / "debian") in capsys.readouterr().out
 
 
@@ -240,3 +240,117 @@ def test_classes_are_torchvisions_and_import_needs_no_torchvision():
     probe = "import sys, bnlab.data; print('torchvision' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"  # torchvision is imported on first use only
+
+
+# --- make data: locate, else Debian's package, else a download with a timeout ---------
+
+
+def test_setup_data_installs_the_debian_package_before_downloading(fake, monkeypatch):
+    tmp, contents = fake
+    calls = []
+    monkeypatch.setattr(
+        data, "install_debian_package", lambda: write_fake(tmp / "debian", contents) and None
+    )
+    monkeypatch.setattr(data, "download_url", lambda *a, **k: calls.append(a))
+    assert data.setup_data() == tmp / "debian"
+    assert calls == []  # found after apt: nothing downloaded
+
+
+def test_setup_data_downloads_when_apt_cannot_help(fake, monkeypatch):
+    tmp, contents = fake
+    monkeypatch.setattr(data, "install_debian_package", lambda: "not root")
+
+    def fetch(url, root, filename, md5):
+        Path(root, filename).write_bytes(gzip.compress(contents[filename], mtime=0))
+
+    monkeypatch.setattr(data, "download_url", fetch)
+    assert data.setup_data() == tmp / "repo_data" / "FashionMNIST" / "raw"
+
+
+def test_setup_data_failure_is_one_message_with_every_remedy(fake, monkeypatch, capsys):
+    monkeypatch.setattr(data, "install_debian_package", lambda: "apt-get is not available")
+
+    def offline(url, root, filename, md5):
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(data, "download_url", offline)
+    assert data.main([]) == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("error: Fashion-MNIST was not found") and "Traceback" not in err
+    for said in ("apt-get is not available", "Name or service not known", "make data",
+                 "apt install dataset-fashion-mnist", data.ENV_VAR):  # fmt: skip
+        assert said in err, said
+
+
+def test_cli_flags_skip_apt_and_download(fake, monkeypatch, capsys):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("skipped step ran")
+
+    monkeypatch.setattr(data, "install_debian_package", must_not_run)
+    monkeypatch.setattr(data, "download_url", must_not_run)
+    assert data.main(["--no-apt", "--no-download"]) == 1
+    assert "nothing was tried" in capsys.readouterr().err
+
+
+def test_download_bounds_every_network_operation(fake, monkeypatch):
+    seen = []
+
+    def fetch(url, root, filename, md5):
+        import socket
+
+        seen.append(socket.getdefaulttimeout())
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(data, "download_url", fetch)
+    before = __import__("socket").getdefaulttimeout()
+    with pytest.raises(data.DataError, match="timed out"):
+        data.download(timeout=7.5)
+    assert seen and set(seen) == {7.5}
+    assert __import__("socket").getdefaulttimeout() == before  # restored
+
+
+class FakeRun:
+    """subprocess.run stand-in: answers each command with the next (returncode, stderr)."""
+
+    def __init__(self, *answers):
+        self.answers, self.commands = list(answers), []
+
+    def __call__(self, command, **kwargs):
+        import subprocess
+
+        self.commands.append(command[:2])
+        code, err = self.answers.pop(0)
+        return subprocess.CompletedProcess(command, code, stdout="", stderr=err)
+
+
+def test_apt_install_refreshes_package_lists_once(monkeypatch):
+    monkeypatch.setattr(data.shutil, "which", lambda name: "/usr/bin/apt-get")
+    monkeypatch.setattr(data.os, "geteuid", lambda: 0)
+    run = FakeRun((100, "E: Unable to locate package dataset-fashion-mnist"), (0, ""), (0, ""))
+    monkeypatch.setattr(data.subprocess, "run", run)
+    assert data.install_debian_package() is None
+    assert run.commands == [["apt-get", "install"], ["apt-get", "update"], ["apt-get", "install"]]
+    failing = FakeRun((100, "E: x"), (100, "E: Could not resolve 'deb.debian.org'"))
+    monkeypatch.setattr(data.subprocess, "run", failing)
+    assert "Could not resolve" in data.install_debian_package()
+
+
+def test_apt_install_needs_root_and_apt(monkeypatch):
+    monkeypatch.setattr(data.shutil, "which", lambda name: "/usr/bin/apt-get")
+    monkeypatch.setattr(data.os, "geteuid", lambda: 1000)
+    assert "sudo apt install dataset-fashion-mnist" in data.install_debian_package()
+    monkeypatch.setattr(data.shutil, "which", lambda name: None)
+    assert data.install_debian_package() == "apt-get is not available"
+
+
+def test_a_notebook_shows_the_remedies_not_a_traceback(capsys):
+    """IPython renders DataError as its message alone (``_render_traceback_``)."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.user_ns["DataError"] = data.DataError
+    result = shell.run_cell("raise DataError('Fashion-MNIST was not found.\\n  1. remedy')")
+    shown = capsys.readouterr().out
+    assert isinstance(result.error_in_exec, data.DataError)
+    assert "DataError: Fashion-MNIST was not found." in shown and "  1. remedy" in shown
+    assert "Traceback" not in shown and "File " not in shown and "---" not in shown

@@ -91,3 +91,34 @@ def test_plot_helpers_draw_what_they_are_given():
     ax = plots.curves({"a": [1, 2, 3]}, target=2.0)
     assert len(ax.lines) == 2
     matplotlib.pyplot.close("all")
+
+
+def test_titles_show_the_slider_value_not_float_noise():
+    """The front end computes momentum 0.01 + 9 * 0.01 = 0.09999999999999999; titles say 0.1."""
+    dash = widgets.dashboard(steps=10)
+    dash.momentum.value = 0.2
+    dash.momentum.value = 0.01 + 9 * 0.01  # what one step from 0.01 x 9 sends back
+    assert dash.momentum.value == 0.09999999999999999
+    assert "momentum=0.1 " in dash.caption() and "momentum=0.1 " in dash.title.value
+    ax = plots.running_stats(dash.result.trajectory)
+    assert ax[0].get_title() == "momentum=0.1, batch size=16"
+    dash.eps.value = 10**-4.75
+    assert "eps=1.78e-05 " in dash.title.value
+    assert plots.eps_curve(dash.result.eps).get_legend_handles_labels()[1][-1] == "eps=1.78e-05"
+    assert [plots.fmt(v) for v in (None, 1e-5, 16, 0.30000000000000004)] == [
+        "None",
+        "1e-05",
+        "16",
+        "0.3",
+    ]
+
+
+def test_dashboard_display_carries_a_static_figure():
+    """Without widget support (GitHub, nbviewer, untrusted) a reader gets the PNG, not
+    the widget's text form ``VBox(children=...)``."""
+    dash = widgets.dashboard(steps=10)
+    bundle = dash._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert bundle["image/png"] == dash.png and dash.png.startswith("iVBOR")  # a PNG
+    assert "children=" not in bundle["text/plain"] and "momentum=0.1" in bundle["text/plain"]
+    assert widgets.dashboard(steps=10, plot=False)._repr_mimebundle_().get("image/png") is None
