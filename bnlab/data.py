@@ -70,7 +70,10 @@ class DataError(RuntimeError):
     def _render_traceback_(self) -> list[str]:
         # IPython shows these lines instead of a traceback: a notebook opened without the
         # data shows what to do, not twenty frames of torchvision and bnlab internals.
-        return [f"DataError: {line}" if i == 0 else line for i, line in enumerate(str(self).splitlines())]
+        return [
+            f"DataError: {line}" if i == 0 else line
+            for i, line in enumerate(str(self).splitlines())
+        ]
 
 
 def _torchvision_fashion_mnist() -> type[FashionMNIST]:
@@ -460,7 +463,9 @@ def setup_data(apt: bool = True, download_timeout: float | None = DOWNLOAD_TIMEO
             return found
         tried.append(f"apt-get: {why or 'installed, but the files are not in ' + str(DEBIAN_DIR)}")
     if download_timeout is not None:
-        print(f"downloading Fashion-MNIST (about 30 MB; {download_timeout:g} s network timeout) ...")
+        print(
+            f"downloading Fashion-MNIST (about 30 MB; {download_timeout:g} s network timeout) ..."
+        )
         try:
             return download(timeout=download_timeout)
         except DataError as err:

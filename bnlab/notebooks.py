@@ -92,7 +92,11 @@ def progress_text(state: dict[str, dict], model_id: str) -> str | None:
         for ref in box.get("state", {}).get("children", [])
     ]
     names = [child.get("model_name") for child in children]
-    if box.get("model_name") != "HBoxModel" or len(children) != 3 or names[1] not in PROGRESS_MODELS:
+    if (
+        box.get("model_name") != "HBoxModel"
+        or len(children) != 3
+        or names[1] not in PROGRESS_MODELS
+    ):
         return None
     left, bar, right = (child["state"] for child in children)
     filled = round(BAR_WIDTH * bar.get("value", 0) / bar["max"]) if bar.get("max") else 0
@@ -144,6 +148,9 @@ def output_problems(nb: dict) -> list[str]:
             view = output.get("data", {}).get(WIDGET_VIEW)
             if view and view["model_id"] not in state:
                 problems.append(f"{where}: widget view without saved state (a blank box)")
+            finished = progress_text(state, view["model_id"]) if view else None
+            if finished is not None and "".join(output["data"].get("text/plain", "")) != finished:
+                problems.append(f"{where}: progress bar text is not the finished bar")
     for model_id, model in state.items():
         bar = model["state"]
         if model["model_name"] in PROGRESS_MODELS and bar.get("value") != bar.get("max"):
@@ -199,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=["normalize", "trust", "check"])
     parser.add_argument("paths", nargs="*", type=Path, help="default: the course notebooks")
     parser.add_argument("--all", action="store_true", help="trust: sign edited notebooks too")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # `trust --all A B`: paths after the flag
     paths = args.paths or course_notebooks()
     if args.action == "trust":
         signed = trust(paths, committed_only=not args.all)

@@ -237,7 +237,9 @@ class Dashboard:
 
     def _repr_mimebundle_(self, **kwargs):
         bundle = self.widget._repr_mimebundle_(**kwargs)
-        bundle["text/plain"] = f"<eps/momentum dashboard: {self.caption()}; run the notebook to use it>"
+        bundle["text/plain"] = (
+            f"<eps/momentum dashboard: {self.caption()}; run the notebook to use it>"
+        )
         if self.png is not None:  # the static figure for readers without widgets
             bundle["image/png"] = self.png
         return bundle

@@ -108,7 +108,7 @@ def test_normalize_stores_the_finished_progress_bar_text():
 def test_an_unfinished_bar_or_a_view_without_state_is_caught():
     view = nbformat.v4.new_output("display_data", {notebooks.WIDGET_VIEW: {"model_id": "box"}})
     problems = notebooks.output_problems(notebook(view, state=tqdm_state(1, 3)))
-    assert problems == ["progress bar bar stored at 1/3"]
+    assert "progress bar bar stored at 1/3" in problems
     problems = notebooks.output_problems(notebook(view, state={}))
     assert problems == ["cell 0: widget view without saved state (a blank box)"]
 
@@ -139,3 +139,12 @@ def test_trust_signs_committed_notebooks_and_leaves_edited_ones(tmp_path, monkey
     assert not notary.check_signature(nbformat.read(paths[1], as_version=4))
     assert notebooks.trust(paths, committed_only=False) == paths
     assert notary.check_signature(nbformat.read(paths[1], as_version=4))
+
+
+def test_a_progress_bar_stored_as_its_first_text_is_caught():
+    view = nbformat.v4.new_output(
+        "display_data",
+        {notebooks.WIDGET_VIEW: {"model_id": "box"}, "text/plain": "epochs:   0%|  | 0/3"},
+    )
+    problems = notebooks.output_problems(notebook(view, state=tqdm_state(3, 3)))
+    assert problems == ["cell 0: progress bar text is not the finished bar"]
