@@ -141,12 +141,28 @@ class Dashboard:
         import ipywidgets as w
 
         self.steps, self.channel_std, self.seed, self.plot = steps, channel_std, seed, plot
-        style = {"description_width": "initial"}
+        # One label column and one track length for all sliders: with the default width a
+        # long label leaves "momentum (PyTorch)" a 65-pixel track for its 99 steps.
+        style = {"description_width": "140px"}
+        layout = {"width": "440px"}
         self.eps = w.FloatLogSlider(
-            value=1e-5, base=10, min=-10, max=0, step=0.25, description="eps", style=style
+            value=1e-5,
+            base=10,
+            min=-10,
+            max=0,
+            step=0.25,
+            description="eps",
+            style=style,
+            layout=layout,
         )
         self.momentum = w.FloatSlider(
-            value=0.1, min=0.01, max=1.0, step=0.01, description="momentum (PyTorch)", style=style
+            value=0.1,
+            min=0.01,
+            max=1.0,
+            step=0.01,
+            description="momentum (PyTorch)",
+            style=style,
+            layout=layout,
         )
         # indent=False: the label goes right of the box at its full width (an indented
         # checkbox reserves the description column and clips longer labels).
@@ -154,7 +170,13 @@ class Dashboard:
             value=False, description="momentum=None (cumulative)", indent=False
         )
         self.batch_size = w.IntSlider(
-            value=16, min=2, max=256, step=1, description="batch size", style=style
+            value=16,
+            min=2,
+            max=256,
+            step=1,
+            description="batch size",
+            style=style,
+            layout=layout,
         )
         self.title = w.HTML()
         self.output = w.Output()
