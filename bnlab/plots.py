@@ -75,6 +75,7 @@ def activation_histograms(
         ax.hist(values, bins=bins, range=value_range, color=f"C{i % 10}", density=True)
         ax.set_title(f"layer {i + 1}\nstd {values.std():.3f}", fontsize=9)
         ax.set_yticks([])
+        ax.locator_params(axis="x", nbins=3)  # -1, 0, 1: neighbours' labels stay apart
     if title:
         axes[0].figure.suptitle(title)
     return axes

@@ -69,5 +69,31 @@ def test_torch_pins_in_makefile_satisfy_pyproject():
 
 def test_makefile_has_every_target():
     text = (ROOT / "Makefile").read_text()
-    for target in ("setup", "lab", "test", "notebooks", "bench", "lint", "data", "clean"):
+    targets = (
+        "setup",
+        "lab",
+        "test",
+        "test-browser",
+        "notebooks",
+        "bench",
+        "lint",
+        "data",
+        "clean",
+    )
+    for target in targets:
         assert re.search(rf"^{target}:", text, re.M), target
+
+
+def test_ci_runs_the_readme_commands():
+    """CI runs what the README tells a learner to run, and the browser test after it."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^make test$", ci, re.M) and re.search(r"^make test-browser$", ci, re.M)
+    readme = (ROOT / "README.md").read_text()
+    assert "make test " in readme and "make lab " in readme
+
+
+def test_tests_need_the_data_first():
+    """`make test` gets Fashion-MNIST before any test runs (not 56 tracebacks later)."""
+    text = (ROOT / "Makefile").read_text()
+    for target in ("test-unit", "test-notebooks", "notebooks"):
+        assert re.search(rf"^{target}: data\b", text, re.M), target
