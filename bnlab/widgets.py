@@ -143,41 +143,17 @@ class Dashboard:
         self.steps, self.channel_std, self.seed, self.plot = steps, channel_std, seed, plot
         # One label column and one track length for all sliders: with the default width a
         # long label leaves "momentum (PyTorch)" a 65-pixel track for its 99 steps.
-        style = {"description_width": "140px"}
-        layout = {"width": "440px"}
+        sized = {"style": {"description_width": "140px"}, "layout": {"width": "440px"}}
         self.eps = w.FloatLogSlider(
-            value=1e-5,
-            base=10,
-            min=-10,
-            max=0,
-            step=0.25,
-            description="eps",
-            style=style,
-            layout=layout,
+            1e-5, base=10, min=-10, max=0, step=0.25, description="eps", **sized
         )
         self.momentum = w.FloatSlider(
-            value=0.1,
-            min=0.01,
-            max=1.0,
-            step=0.01,
-            description="momentum (PyTorch)",
-            style=style,
-            layout=layout,
+            0.1, min=0.01, max=1.0, step=0.01, description="momentum (PyTorch)", **sized
         )
+        self.batch_size = w.IntSlider(16, min=2, max=256, step=1, description="batch size", **sized)
         # indent=False: the label goes right of the box at its full width (an indented
         # checkbox reserves the description column and clips longer labels).
-        self.cumulative = w.Checkbox(
-            value=False, description="momentum=None (cumulative)", indent=False
-        )
-        self.batch_size = w.IntSlider(
-            value=16,
-            min=2,
-            max=256,
-            step=1,
-            description="batch size",
-            style=style,
-            layout=layout,
-        )
+        self.cumulative = w.Checkbox(False, description="momentum=None (cumulative)", indent=False)
         self.title = w.HTML()
         self.output = w.Output()
         self.widget = w.VBox(
