@@ -428,21 +428,22 @@ def install_debian_package(timeout: float = 600.0) -> str | None:
     if os.geteuid() != 0:
         return f"not root (run `sudo apt install {DEBIAN_PACKAGE}` yourself)"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "-qq", DEBIAN_PACKAGE]
-    reason = "apt-get install failed"
-    for command in (install, ["apt-get", "update", "-qq"], install):
+
+    def apt_get(*args: str) -> str | None:
+        command = ["apt-get", *args]
         try:
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return f"`{' '.join(command)}` did not finish within {timeout:.0f} s"
-        if done.returncode == 0 and command is install:
+        if done.returncode == 0:
             return None
-        if done.returncode != 0:
-            last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            reason = f"`{' '.join(command)}` failed: {last[0]}"
-            if command[1] == "update":
-                return reason
-    return reason
+        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return f"`{' '.join(command)}` failed: {last[0]}"
+
+    install = ("install", "-y", "-qq", DEBIAN_PACKAGE)
+    if apt_get(*install) is None:
+        return None
+    return apt_get("update", "-qq") or apt_get(*install)
 
 
 def setup_data(apt: bool = True, download_timeout: float | None = DOWNLOAD_TIMEOUT) -> Path:
