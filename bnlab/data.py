@@ -282,39 +282,20 @@ def read_idx(path: Path) -> torch.Tensor:
     return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
 
 
-@lru_cache(maxsize=1)
-def _in_place_fashion_mnist() -> type[FashionMNIST]:
-    """torchvision's FashionMNIST reading the verified ``.gz`` files where they lie."""
-
-    class _InPlaceFashionMNIST(_torchvision_fashion_mnist()):
-        def __init__(self, raw_dir: Path, train: bool) -> None:
-            self._raw_dir = Path(raw_dir)
-            super().__init__(str(raw_dir), train=train, download=False)
-
-        @property
-        def raw_folder(self) -> str:
-            return str(self._raw_dir)
-
-        def _check_legacy_exist(self) -> bool:
-            return False
-
-        def _check_exists(self) -> bool:
-            return _complete(self._raw_dir)
-
-        def _load_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-            split = "train" if self.train else "t10k"
-            images = read_idx(self._raw_dir / f"{split}-images-idx3-ubyte.gz")
-            labels = read_idx(self._raw_dir / f"{split}-labels-idx1-ubyte.gz")
-            return images, labels.long()
-
-    return _InPlaceFashionMNIST
-
-
 @lru_cache(maxsize=4)
 def _tensors(raw_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    ds = _in_place_fashion_mnist()(raw_dir, train=train)
+    # The verified .gz files are read where they lie, with bnlab's own IDX reader: torchvision's
+    # dataset class would want its own folder layout (or overrides of its private methods).
+    split = "train" if train else "t10k"
+    images = read_idx(Path(raw_dir) / f"{split}-images-idx3-ubyte.gz")
+    labels = read_idx(Path(raw_dir) / f"{split}-labels-idx1-ubyte.gz")
+    if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
+        raise DataError(
+            f"{raw_dir}: {split} images {tuple(images.shape)} and labels {tuple(labels.shape)} "
+            "do not pair up; delete the files and run `make data`"
+        )
     # ToTensor's scaling, as d2l uses: float32 in [0, 1], no mean/std normalization.
-    return ds.data.unsqueeze(1).float().div_(255.0), ds.targets
+    return images.unsqueeze(1).float().div_(255.0), labels.long()
 
 
 def load_tensors(train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

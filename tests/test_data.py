@@ -354,3 +354,13 @@ def test_a_notebook_shows_the_remedies_not_a_traceback(capsys):
     assert isinstance(result.error_in_exec, data.DataError)
     assert "DataError: Fashion-MNIST was not found." in shown and "  1. remedy" in shown
     assert "Traceback" not in shown and "File " not in shown and "---" not in shown
+
+
+def test_images_and_labels_that_do_not_pair_up_are_refused(fake, monkeypatch):
+    tmp, contents = fake
+    contents = dict(contents, **{NAMES[1]: idx_bytes(torch.arange(5) % 10)})  # 5 labels, 12 images
+    gz = {n: hashlib.md5(gzip.compress(raw, mtime=0)).hexdigest() for n, raw in contents.items()}
+    monkeypatch.setattr(data, "md5_table", lambda: dict(gz))
+    write_fake(tmp / "debian", contents)
+    with pytest.raises(data.DataError, match="do not pair up"):
+        data.load_tensors(train=True)
