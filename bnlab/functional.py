@@ -57,10 +57,15 @@ def check_momentum(momentum: float | None) -> None:
         )
 
 
+def check_rank(ndim: int) -> None:
+    """Raise unless an input has the (N, C, ...) axes BN needs: at least 2 dimensions."""
+    if ndim < 2:
+        raise ValueError(f"expected an input of at least 2 dimensions (N, C, ...), got {ndim}D")
+
+
 def check_batch_size(x: Tensor) -> None:
     """Raise when training would see a single value per channel (torch's condition)."""
-    if x.dim() < 2:
-        raise ValueError(f"expected an input of at least 2 dimensions (N, C, ...), got {x.dim()}D")
+    check_rank(x.dim())
     values_per_channel = x.numel() // x.shape[1] if x.shape[1] else 0
     if values_per_channel == 1:
         raise ValueError(
@@ -296,8 +301,7 @@ def check_batch_norm_args(
     """The argument checks every batch_norm implementation shares (scratch and kernels)."""
     check_floating(x)
     check_eps(eps)
-    if x.dim() < 2:
-        raise ValueError(f"expected an input of at least 2 dimensions (N, C, ...), got {x.dim()}D")
+    check_rank(x.dim())
     for name, t in (("running_mean", running_mean), ("weight", weight)):
         if t is not None:
             check_channels(x, t.numel(), name)

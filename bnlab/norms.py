@@ -80,8 +80,7 @@ def reduction_axes(kind: str, ndim: int) -> tuple[int, ...]:
 
     GroupNorm has no fixed axes of x: it reduces over axis 2 of x viewed as (N, G, -1).
     """
-    if ndim < 2:
-        raise ValueError(f"expected an input of at least 2 dimensions (N, C, ...), got {ndim}D")
+    F.check_rank(ndim)
     axes = {
         "batch": (0, *range(2, ndim)),
         "layer": tuple(range(1, ndim)),
@@ -162,8 +161,7 @@ def group_norm(
     is normalized over its C / G channels and all spatial positions: axis 2 of x viewed as
     (N, G, C/G * H * W). weight, bias: (C,), per channel. Returns x's shape.
     """
-    if x.dim() < 2:
-        raise ValueError(f"expected an input of at least 2 dimensions (N, C, ...), got {x.dim()}D")
+    F.check_rank(x.dim())
     channels = x.shape[1]
     if num_groups < 1 or channels % num_groups:
         raise ValueError(

@@ -151,6 +151,11 @@ def output_problems(nb: dict) -> list[str]:
             finished = progress_text(state, view["model_id"]) if view else None
             if finished is not None and "".join(output["data"].get("text/plain", "")) != finished:
                 problems.append(f"{where}: progress bar text is not the finished bar")
+            counts = re.search(r"\|\s*(\d+)/(\d+)", finished or "")
+            if counts and counts.group(1) != counts.group(2):
+                problems.append(
+                    f"{where}: progress bar text stopped at {counts.group(0)[1:].strip()}"
+                )
     for model_id, model in state.items():
         bar = model["state"]
         if model["model_name"] in PROGRESS_MODELS and bar.get("value") != bar.get("max"):

@@ -13,10 +13,9 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from torch import nn
-from tqdm.auto import tqdm
 
 from bnlab.config import seed_everything
-from bnlab.train import History, fit
+from bnlab.train import History, ProgressBar, fit
 
 
 def train_seeds(
@@ -71,7 +70,7 @@ def sweep(
     seeds = list(seeds)
     lr_of = lr if callable(lr) else (lambda _v: lr)
     results: dict[float, list[History]] = {}
-    bar = tqdm(total=len(values) * len(seeds), desc=desc, disable=not progress, leave=False)
+    bar = ProgressBar(total=len(values) * len(seeds), desc=desc, disable=not progress)
     for value in values:
         results[value] = []
         for seed in seeds:

@@ -148,3 +148,12 @@ def test_a_progress_bar_stored_as_its_first_text_is_caught():
     )
     problems = notebooks.output_problems(notebook(view, state=tqdm_state(3, 3)))
     assert problems == ["cell 0: progress bar text is not the finished bar"]
+
+
+def test_a_bar_whose_text_stopped_short_is_caught():
+    """tqdm skips redraws within mininterval: a full bar can keep the text "14/15"."""
+    state = tqdm_state(15, 15)
+    state["right"]["state"]["value"] = " 14/15 [00:01&lt;00:00]"
+    view = nbformat.v4.new_output("display_data", {notebooks.WIDGET_VIEW: {"model_id": "box"}})
+    nb = notebooks.normalize(notebook(view, state=state))
+    assert notebooks.output_problems(nb) == ["cell 0: progress bar text stopped at 14/15"]

@@ -97,3 +97,12 @@ def test_tests_need_the_data_first():
     text = (ROOT / "Makefile").read_text()
     for target in ("test-unit", "test-notebooks", "notebooks"):
         assert re.search(rf"^{target}: data\b", text, re.M), target
+
+
+def test_package_docstring_names_every_module():
+    import bnlab
+
+    modules = {p.stem for p in (ROOT / "bnlab").glob("*.py") if p.stem != "__init__"}
+    modules |= {p.name for p in (ROOT / "bnlab").iterdir() if (p / "__init__.py").is_file()}
+    missing = [m for m in sorted(modules) if f"``{m}``" not in bnlab.__doc__]
+    assert not missing, f"bnlab/__init__.py's docstring does not name {missing}"

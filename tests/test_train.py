@@ -145,3 +145,21 @@ def test_trainable_range_and_decades():
     assert sweeps.trainable_range(lrs, [0.1] * 4, 0.5) is None
     assert sweeps.decades((0.01, 10.0)) == pytest.approx(3.0)
     assert sweeps.decades(None) == 0.0
+
+
+def test_progress_bar_ends_on_its_final_count():
+    """Throttled redraws (huge mininterval) still end on 3/3: close() redraws once more."""
+    import io
+
+    from tqdm import tqdm
+
+    def drawn(bar_class) -> str:
+        out = io.StringIO()
+        for _ in bar_class(range(3), file=out, mininterval=1e9, miniters=10**9, leave=False):
+            pass
+        return out.getvalue()
+
+    assert "3/3" not in drawn(tqdm)  # plain tqdm never drew its final count
+    assert "3/3" in drawn(train.ProgressBar)
+    with train.ProgressBar(range(1), disable=True) as bar:
+        assert bar.leave is False  # vanishes from a live notebook

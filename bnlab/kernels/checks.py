@@ -51,8 +51,7 @@ def check_inputs(
     if device is not None:
         check_device(x, *device)
     check_tensor(x, "input")
-    if x.dim() < 2:
-        raise ValueError(f"expected an input of at least 2 dimensions (N, C, ...), got {x.dim()}D")
+    F.check_rank(x.dim())
     n, c = x.shape[0], x.shape[1]
     for name, v in vectors:
         check_tensor(v, name)

@@ -45,6 +45,13 @@ SIMULATOR = is_simulator()
 # The simulator runs each thread as a Python thread: keep blocks and grids tiny there.
 BLOCK = 32 if SIMULATOR else 256
 MAX_BLOCKS = 4 if SIMULATOR else 4096  # grid cap for the grid-stride elementwise kernels
+# Split statistics (several blocks per channel, merged with Chan's formula) when there are
+# few channels for many values: each block should keep at least VALUES_PER_THREAD values per
+# thread to amortize its merge, at most MAX_SPLIT blocks serve one channel, and about
+# TARGET_BLOCKS blocks in all are enough to fill a large GPU (an H100 SXM has 132 SMs).
+VALUES_PER_THREAD = 8
+MAX_SPLIT = 64
+TARGET_BLOCKS = 1024
 
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
@@ -285,7 +292,8 @@ def channel_stats(x: Tensor, eps: float = 1e-5, split: int | None = None):
     mean, var, invstd = (torch.empty(C, dtype=x.dtype, device=x.device) for _ in range(3))
     m = N * HW
     if split is None:
-        split = 1 if SIMULATOR else max(1, min(64, m // (8 * BLOCK), 1024 // C))
+        by_size = m // (VALUES_PER_THREAD * BLOCK)
+        split = 1 if SIMULATOR else max(1, min(MAX_SPLIT, by_size, TARGET_BLOCKS // C))
     out = [_device_array(t) for t in (mean, var, invstd)]
     if split == 1:
         _launch(k.channel_stats, C, BLOCK, _device_array(x), C, HW, eps, *out)
