@@ -157,6 +157,10 @@ def output_problems(nb: dict) -> list[str]:
                     f"{where}: progress bar text stopped at {counts.group(0)[1:].strip()}"
                 )
     for model_id, model in state.items():
+        layout = state.get(model["state"].get("layout", "").removeprefix("IPY_MODEL_"), {})
+        if model["model_name"] == "HBoxModel" and progress_text(state, model_id) is not None:
+            if layout.get("state", {}).get("visibility") == "hidden":
+                problems.append(f"progress bar {model_id[:8]} stored hidden (tqdm leave=False)")
         bar = model["state"]
         if model["model_name"] in PROGRESS_MODELS and bar.get("value") != bar.get("max"):
             problems.append(

@@ -30,14 +30,12 @@ from bnlab.config import seed_everything
 class ProgressBar(tqdm):
     """``tqdm.auto.tqdm`` (notebook bar or terminal bar) that ends on its final count.
 
-    tqdm redraws at most every ``mininterval`` seconds, and a bar closed with
-    ``leave=False`` keeps the last text it drew: a notebook then stores "93% 14/15" beside
-    a full bar. This one redraws once more when it closes. Arguments are tqdm's;
-    ``leave`` defaults to False (bars vanish from a live notebook when done).
+    tqdm redraws at most every ``mininterval`` seconds, so a bar can keep the text of its
+    last redraw ("93% 14/15") beside a full bar; this one redraws once more when it closes.
+    Keep tqdm's ``leave=True`` in notebooks: a bar closed with ``leave=False`` is saved
+    hidden, and a reader of the stored notebook sees a blank line instead of how long the
+    step took.
     """
-
-    def __init__(self, *args, leave: bool = False, **kwargs) -> None:
-        super().__init__(*args, leave=leave, **kwargs)
 
     def close(self) -> None:
         if not self.disable:

@@ -157,3 +157,15 @@ def test_a_bar_whose_text_stopped_short_is_caught():
     view = nbformat.v4.new_output("display_data", {notebooks.WIDGET_VIEW: {"model_id": "box"}})
     nb = notebooks.normalize(notebook(view, state=state))
     assert notebooks.output_problems(nb) == ["cell 0: progress bar text stopped at 14/15"]
+
+
+def test_a_bar_saved_hidden_is_caught():
+    """tqdm hides a bar closed with leave=False: the stored notebook shows a blank line."""
+    state = tqdm_state(3, 3)
+    state["box"]["state"]["layout"] = "IPY_MODEL_lay"
+    state["lay"] = {"model_name": "LayoutModel", "state": {"visibility": "hidden"}}
+    view = nbformat.v4.new_output("display_data", {notebooks.WIDGET_VIEW: {"model_id": "box"}})
+    nb = notebooks.normalize(notebook(view, state=state))
+    assert notebooks.output_problems(nb) == ["progress bar box stored hidden (tqdm leave=False)"]
+    notebooks.widget_state(nb)["lay"]["state"]["visibility"] = None
+    assert notebooks.output_problems(nb) == []
