@@ -206,11 +206,8 @@ def download(dest: Path | None = None, timeout: float = DOWNLOAD_TIMEOUT) -> Pat
     """
     dest = Path(dest) if dest is not None else REPO_CACHE / "FashionMNIST" / "raw"
     dest.mkdir(parents=True, exist_ok=True)
-    try:
-        with _network_timeout(timeout):
-            _download_into(dest)
-    except DownloadError as err:
-        raise DataError(_not_found_message(f"download failed: {err.reason}")) from err
+    with _network_timeout(timeout):
+        _download_into(dest)
     return dest
 
 
@@ -235,10 +232,10 @@ def _download_into(dest: Path) -> None:
 
 
 class DownloadError(DataError):
-    """No mirror delivered a file; ``reason`` lists each mirror's error."""
+    """No mirror delivered a file: the remedies message; ``reason`` lists each mirror's error."""
 
     def __init__(self, reason: str) -> None:
-        super().__init__(reason)
+        super().__init__(_not_found_message(f"download failed: {reason}"))
         self.reason = reason
 
 
@@ -450,9 +447,8 @@ def setup_data(apt: bool = True, download_timeout: float | None = DOWNLOAD_TIMEO
         )
         try:
             return download(timeout=download_timeout)
-        except DataError as err:
-            cause = err.__cause__
-            tried.append(f"download: {cause.reason if isinstance(cause, DownloadError) else err}")
+        except DownloadError as err:
+            tried.append(f"download: {err.reason}")
     raise DataError(_not_found_message("; ".join(tried) or "nothing was tried"))
 
 

@@ -127,50 +127,60 @@ def _texts(output: dict) -> list[str]:
 
 def output_problems(nb: dict) -> list[str]:
     """What is wrong with the stored outputs, one line each (empty: clean)."""
-    problems = []
     state = widget_state(nb)
     code_cells = [c for c in nb.get("cells", []) if c.get("cell_type") == "code"]
     counts = [c.get("execution_count") for c in code_cells]
+    problems = []
     if counts != list(range(1, len(code_cells) + 1)):
         problems.append(f"execution counts are {counts}, not 1..{len(code_cells)} in order")
     for index, cell in enumerate(nb.get("cells", [])):
         for output in cell.get("outputs", []):
-            where = f"cell {index}"
-            if output.get("output_type") == "error":
-                problems.append(f"{where}: error output {output.get('ename')}")
-            if output.get("name") == "stderr":
-                text = "".join(output.get("text", ""))[:120]
-                problems.append(f"{where}: stderr output {text!r}")
-            for text in _texts(output):
-                for pattern, why in NOISE:
-                    if match := pattern.search(text):
-                        problems.append(f"{where}: {why}: {match.group(0)!r}")
-            view = output.get("data", {}).get(WIDGET_VIEW)
-            if view and view["model_id"] not in state:
-                problems.append(f"{where}: widget view without saved state (a blank box)")
-            finished = progress_text(state, view["model_id"]) if view else None
-            if finished is not None and "".join(output["data"].get("text/plain", "")) != finished:
-                problems.append(f"{where}: progress bar text is not the finished bar")
-            counts = re.search(r"\|\s*(\d+)/(\d+)", finished or "")
-            if counts and counts.group(1) != counts.group(2):
-                problems.append(
-                    f"{where}: progress bar text stopped at {counts.group(0)[1:].strip()}"
-                )
-    for model_id, model in state.items():
-        layout = state.get(model["state"].get("layout", "").removeprefix("IPY_MODEL_"), {})
-        if model["model_name"] == "HBoxModel" and progress_text(state, model_id) is not None:
-            if layout.get("state", {}).get("visibility") == "hidden":
-                problems.append(f"progress bar {model_id[:8]} stored hidden (tqdm leave=False)")
-        bar = model["state"]
-        if model["model_name"] in PROGRESS_MODELS and bar.get("value") != bar.get("max"):
-            problems.append(
-                f"progress bar {model_id[:8]} stored at {bar.get('value')}/{bar.get('max')}"
-            )
-        value = bar.get("value")
-        for pattern, why in NOISE if isinstance(value, str) else ():
-            if match := pattern.search(value):
-                problems.append(f"widget {model_id[:8]}: {why}: {match.group(0)!r}")
+            problems += [f"cell {index}: {p}" for p in _one_output_problems(output, state)]
+    for model_id in state:
+        problems += _saved_widget_problems(state, model_id)
     return problems
+
+
+def _noise(text: str) -> list[str]:
+    return [f"{why}: {m.group(0)!r}" for pattern, why in NOISE if (m := pattern.search(text))]
+
+
+def _one_output_problems(output: dict, state: dict[str, dict]) -> list[str]:
+    """Problems of one stored output: errors, stderr, noise, widget views without state."""
+    found = []
+    if output.get("output_type") == "error":
+        found.append(f"error output {output.get('ename')}")
+    if output.get("name") == "stderr":
+        found.append(f"stderr output {''.join(output.get('text', ''))[:120]!r}")
+    for text in _texts(output):
+        found += _noise(text)
+    view = output.get("data", {}).get(WIDGET_VIEW)
+    if view and view["model_id"] not in state:
+        found.append("widget view without saved state (a blank box)")
+    finished = progress_text(state, view["model_id"]) if view else None
+    if finished is not None and "".join(output["data"].get("text/plain", "")) != finished:
+        found.append("progress bar text is not the finished bar")
+    done = re.search(r"\|\s*(\d+)/(\d+)", finished or "")
+    if done and done.group(1) != done.group(2):
+        found.append(f"progress bar text stopped at {done.group(1)}/{done.group(2)}")
+    return found
+
+
+def _saved_widget_problems(state: dict[str, dict], model_id: str) -> list[str]:
+    """Problems of one saved widget model: unfinished or hidden bars, noise in its value."""
+    model, found = state[model_id], []
+    values = model["state"]
+    if model["model_name"] in PROGRESS_MODELS and values.get("value") != values.get("max"):
+        found.append(
+            f"progress bar {model_id[:8]} stored at {values.get('value')}/{values.get('max')}"
+        )
+    layout = state.get(values.get("layout", "").removeprefix("IPY_MODEL_"), {})
+    hidden = layout.get("state", {}).get("visibility") == "hidden"
+    if hidden and progress_text(state, model_id) is not None:
+        found.append(f"progress bar {model_id[:8]} stored hidden (tqdm leave=False)")
+    if isinstance(values.get("value"), str):
+        found += [f"widget {model_id[:8]}: {p}" for p in _noise(values["value"])]
+    return found
 
 
 def _unchanged_since_commit(path: Path) -> bool:
