@@ -20,7 +20,7 @@ IS_ROOT := $(filter 0,$(shell id -u))
 # setup: the environment, then trust the course's notebooks, so that JupyterLab renders
 # their saved widgets (dashboards, progress bars) before anything is re-run.
 setup: $(VENV)/.installed
-	@$(PY) -m bnlab.notebooks trust
+	@$(PY) -m bnlab.teaching.notebooks trust
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -76,8 +76,8 @@ notebooks: data
 			--ExecutePreprocessor.timeout=1800 "$$nb" || exit 1; \
 		echo "   $$(( $$(date +%s) - start )) s"; \
 	done
-	$(PY) -m bnlab.notebooks normalize $(NOTEBOOKS)
-	$(PY) -m bnlab.notebooks trust --all $(NOTEBOOKS)
+	$(PY) -m bnlab.teaching.notebooks normalize $(NOTEBOOKS)
+	$(PY) -m bnlab.teaching.notebooks trust --all $(NOTEBOOKS)
 
 bench: setup
 	$(PY) -m bnlab.bench

@@ -1,22 +1,23 @@
 """bnlab: Batch Normalization from first principles to kernels.
 
-Modules, one idea each (the notebook each one serves in brackets):
+The folders show the architecture (ARCHITECTURE.md maps them to the notebooks):
 
-- BN itself: ``functional`` (forward, backward, running statistics, argument checks; 02, 03),
-  ``modules`` (BatchNorm1d/2d/3d drop-ins for torch.nn; 03), ``norms`` (LayerNorm,
-  InstanceNorm, GroupNorm as BN over other axes; 08), ``kernels`` (Numba CUDA and CPU
-  kernels, their autograd Function and modules; 04).
-- Experiments: ``data`` (Fashion-MNIST, offline first; 05), ``models`` (LeNet, MLPs; 01, 05),
-  ``train`` (``fit``/``evaluate``; 05), ``sweeps`` (seeds, learning rates, init scales; 05, 08),
-  ``claims`` (the claim experiments; 08), ``bench`` (``make bench``; 04, 07).
-- Inference and pitfalls: ``fusion`` (folding BN; 07), ``freeze`` and ``recalibrate``
-  (frozen BN, precise-BN statistics; 06), ``doctor`` (a train/eval pitfall detector; 06).
-- Teaching tools: ``check`` (checkers for the learner's code; 03), ``widgets`` (the eps /
-  momentum dashboard; 03), ``plots``, ``show`` (a function's real source in a notebook),
-  ``config`` (FAST mode, seeds, device), ``notebooks`` (the committed notebooks' metadata,
-  trust and clean outputs; ``make test``).
+- ``nn``: BN itself: ``functional`` (the math and argument validation), ``modules``
+  (drop-ins for torch.nn's BatchNorm), ``norms`` (Layer/Instance/GroupNorm), ``merge``
+  (Chan's merge of partial statistics), ``hooks`` (walking and hooking a model);
+- ``kernels``: Numba CUDA and CPU kernels, their autograd Function and modules;
+- ``experiments``: ``datafiles`` and ``data`` (Fashion-MNIST), ``models``, ``train`` (the
+  training loop and accuracy), ``sweeps``, ``probes`` (activations measured in a run);
+- ``inference``: ``fusion`` (folding BN), ``freeze``, ``recalibrate`` (precise BN);
+- ``teaching``: ``check`` (the learner's checkers), ``widgets``, ``plots``, ``show``,
+  ``doctor`` (a pitfall detector), ``notebooks`` (the committed notebooks' hygiene);
+- ``bench``: timing and ``python -m bnlab.bench``; ``config``: FAST mode, seeds, device.
 
-Submodules are imported on demand so that ``import bnlab`` stays light.
+Learners' import paths stay short: ``bnlab.functional``, ``bnlab.modules``, ``bnlab.norms``,
+``bnlab.fusion``, ``bnlab.freeze``, ``bnlab.recalibrate``, ``bnlab.check``,
+``bnlab.widgets``, ``bnlab.data``, ``bnlab.models`` and ``bnlab.train`` are the modules
+above under a second name (``_alias``). Submodules are imported on demand, so that
+``import bnlab`` stays light.
 """
 
 __version__ = "0.1.0"

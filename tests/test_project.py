@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,10 +104,78 @@ def test_tests_need_the_data_first():
         assert re.search(rf"^{target}: data\b", text, re.M), target
 
 
-def test_package_docstring_names_every_module():
+PACKAGES = ("nn", "kernels", "experiments", "inference", "teaching", "bench")
+LEARNER_PATHS = {
+    "bnlab.functional": "bnlab.nn.functional",
+    "bnlab.modules": "bnlab.nn.modules",
+    "bnlab.norms": "bnlab.nn.norms",
+    "bnlab.fusion": "bnlab.inference.fusion",
+    "bnlab.freeze": "bnlab.inference.freeze",
+    "bnlab.recalibrate": "bnlab.inference.recalibrate",
+    "bnlab.kernels.autograd": "bnlab.kernels.autograd",
+    "bnlab.check": "bnlab.teaching.check",
+    "bnlab.widgets": "bnlab.teaching.widgets",
+    "bnlab.data": "bnlab.experiments.data",
+    "bnlab.models": "bnlab.experiments.models",
+    "bnlab.train": "bnlab.experiments.train",
+}
+
+
+def _package_modules() -> dict[str, list[str]]:
+    return {
+        pkg: sorted(p.stem for p in (ROOT / "bnlab" / pkg).glob("*.py") if p.stem[0] != "_")
+        for pkg in PACKAGES
+    }
+
+
+def test_package_docstring_names_every_folder_and_module():
     import bnlab
 
-    modules = {p.stem for p in (ROOT / "bnlab").glob("*.py") if p.stem != "__init__"}
-    modules |= {p.name for p in (ROOT / "bnlab").iterdir() if (p / "__init__.py").is_file()}
-    missing = [m for m in sorted(modules) if f"``{m}``" not in bnlab.__doc__]
+    top = {p.stem for p in (ROOT / "bnlab").glob("*.py") if p.stem != "__init__"}
+    top |= {p.name for p in (ROOT / "bnlab").iterdir() if (p / "__init__.py").is_file()}
+    assert set(PACKAGES) <= top
+    missing = [m for m in sorted(top) if f"``{m}``" not in bnlab.__doc__]
     assert not missing, f"bnlab/__init__.py's docstring does not name {missing}"
+
+
+@pytest.mark.parametrize("pkg", PACKAGES)
+def test_each_folder_docstring_names_its_modules_and_each_module_its_notebook(pkg):
+    folder = importlib.import_module(f"bnlab.{pkg}")
+    for name in _package_modules()[pkg]:
+        assert f"``{name}``" in folder.__doc__, f"bnlab/{pkg}/__init__.py does not name {name}"
+        doc = ast.get_docstring(ast.parse((ROOT / "bnlab" / pkg / f"{name}.py").read_text()))
+        assert doc, f"bnlab/{pkg}/{name}.py has no docstring"
+        assert re.search(r"[Nn]otebooks? \d\d|\(\d\d[,)]|make bench|make test", doc), (
+            f"bnlab/{pkg}/{name}.py's docstring names no notebook it serves"
+        )
+
+
+@pytest.mark.parametrize("path, home", LEARNER_PATHS.items())
+def test_learner_import_paths_are_the_modules_themselves(path, home):
+    module = importlib.import_module(path)
+    assert module is importlib.import_module(home)
+    parent, _, name = path.rpartition(".")
+    assert getattr(importlib.import_module(parent), name) is module  # from bnlab import ...
+    assert module.__doc__ and module.__name__ == home
+
+
+def test_python_m_bnlab_data_still_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "bnlab.data", "--help"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.returncode == 0 and "python -m bnlab.data" in out.stdout
+
+
+def test_tests_mirror_the_package():
+    """tests/<folder>/test_<module>.py tests bnlab/<folder>/<module>.py; no test file strays."""
+    modules = _package_modules()
+    for path in (ROOT / "tests").glob("*/test_*.py"):
+        pkg = path.parent.name
+        if pkg == "browser":  # JupyterLab in a real browser: tests the course, not a module
+            continue
+        assert pkg in modules, f"{path.relative_to(ROOT)}: no package bnlab/{pkg}"
+        assert path.stem[len("test_") :] in modules[pkg], (
+            f"{path.relative_to(ROOT)} names no module of bnlab/{pkg}"
+        )
+    for path in (ROOT / "tests").glob("test_*.py"):
+        assert path.stem in ("test_config", "test_project"), f"{path.name} belongs in a folder"

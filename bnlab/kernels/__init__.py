@@ -1,4 +1,4 @@
-"""Hand-written Batch Normalization kernels, checked against ``bnlab.functional``.
+"""Hand-written Batch Normalization kernels, checked against ``bnlab.nn.functional``.
 
 Submodules, imported on demand (importing ``cuda`` decides GPU vs simulator):
 
@@ -8,6 +8,6 @@ Submodules, imported on demand (importing ``cuda`` decides GPU vs simulator):
 - ``cpu``: the same algorithm with ``numba.njit(parallel=True)``;
 - ``autograd``: a ``torch.autograd.Function``, a functional ``batch_norm`` and
   BatchNorm1d/2d modules running on either kernel set (``backend="cpu"`` or ``"cuda"``);
-- ``checks``: input validation shared by both; ``stability``: the cancellation demo;
+- ``validate``: argument validation shared by both; ``stability``: the cancellation demo;
 - ``ptx``: compile every CUDA kernel to PTX without a GPU (run in its own process).
 """

@@ -3,6 +3,8 @@
 ``backend`` names the kernel set: "cpu" (:mod:`bnlab.kernels.cpu`) or "cuda"
 (:mod:`bnlab.kernels.cuda`: a GPU, or the simulator without one). Both modules offer
 the same five operations, so this file is written once for both.
+
+Serves notebook 04.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import importlib
 import torch
 from torch import Tensor
 
-from bnlab import functional as F
-from bnlab import modules
+from bnlab.nn import functional as F
+from bnlab.nn import modules
 
 BACKENDS = ("cpu", "cuda")
 
@@ -83,7 +85,7 @@ def batch_norm(
     Inputs: x (N, C, *) contiguous float32/float64; running_mean, running_var (C,) or
     None; weight, bias (C,) or None. Returns a tensor of x's shape.
     """
-    F.check_batch_norm_args(x, running_mean, running_var, weight, training, eps)
+    F.validate_batch_norm_args(x, running_mean, running_var, weight, training, eps)
     return KernelBatchNormFunction.apply(
         x, weight, bias, running_mean, running_var, training, momentum, eps, backend
     )
@@ -92,7 +94,7 @@ def batch_norm(
 class _KernelMixin:
     """Route a bnlab BatchNorm module's functional call through the kernels.
 
-    The train/eval logic stays in bnlab.modules._BatchNorm.forward; only its
+    The train/eval logic stays in bnlab.nn.modules._BatchNorm.forward; only its
     ``_normalize`` hook is replaced; ``backend`` is a keyword of the constructor.
     """
 
@@ -116,8 +118,8 @@ class _KernelMixin:
 
 
 class BatchNorm1d(_KernelMixin, modules.BatchNorm1d):
-    """bnlab.modules.BatchNorm1d computed by the kernels; ``backend`` as a keyword."""
+    """bnlab.nn.modules.BatchNorm1d computed by the kernels; ``backend`` as a keyword."""
 
 
 class BatchNorm2d(_KernelMixin, modules.BatchNorm2d):
-    """bnlab.modules.BatchNorm2d computed by the kernels; ``backend`` as a keyword."""
+    """bnlab.nn.modules.BatchNorm2d computed by the kernels; ``backend`` as a keyword."""

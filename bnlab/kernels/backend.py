@@ -10,6 +10,8 @@ choice has to be made *before* that import, which is what :func:`cuda_module` do
 
 The simulator runs each CUDA thread as a Python thread (about a millisecond each) and
 has no warp shuffles: it is for correctness on tiny shapes, never for speed.
+
+Serves notebook 04.
 """
 
 from __future__ import annotations

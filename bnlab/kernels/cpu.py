@@ -13,6 +13,8 @@ Arrays are flat: ``x[n, c, j]`` is at ``(n * C + c) * HW + j`` (see the CUDA mod
   ``acc_type``); the GPU kernels stay in float32 and rely on Welford/Chan alone.
 - normalize and the backward elementwise pass: ``prange`` over rows, a vectorizable
   inner loop over the HW values of a row with the channel's constants hoisted.
+
+Serves notebook 04.
 """
 
 from __future__ import annotations
@@ -23,8 +25,12 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from bnlab import functional as F
-from bnlab.kernels import checks
+from bnlab.kernels import validate
+from bnlab.nn import functional as F
+from bnlab.nn.merge import merge_moments
+
+# Chan's merge (bnlab.nn.merge), compiled for the CPU; these kernels accumulate in float64.
+_merge = njit(inline="always", cache=True)(merge_moments)
 
 # reassoc lets LLVM vectorize the sums (it may reorder the additions); no other liberty.
 _FAST = {"reassoc", "contract"}
@@ -59,11 +65,8 @@ def _stats_chunks(x, N, C, HW, chunks, cnt, mean, m2):
                 for j in range(HW):
                     d = row[j] - row_mean
                     q += d * d
-                # Chan's merge of (seen, mean, m2) with (HW, row_mean, q)
-                total = seen + HW
-                delta = row_mean - mean[k, c]
-                mean[k, c] += delta * (HW / total)
-                m2[k, c] += q + delta * delta * (seen * HW / total)
+                # Chan's merge of (seen, mean, m2) with the row's (HW, row_mean, q)
+                _, mean[k, c], m2[k, c] = _merge(seen, mean[k, c], m2[k, c], HW, row_mean, q)
             seen += HW
         cnt[k] = seen
 
@@ -75,14 +78,7 @@ def _merge_chunks(cnt, pmean, pm2, eps, mean, var, invstd):
     for c in prange(C):
         n, mu, q = 0.0, 0.0, 0.0
         for k in range(chunks):
-            nb = cnt[k]
-            if nb == 0.0:
-                continue
-            total = n + nb
-            delta = pmean[k, c] - mu
-            mu += delta * (nb / total)
-            q += pm2[k, c] + delta * delta * (n * nb / total)
-            n = total
+            n, mu, q = _merge(n, mu, q, cnt[k], pmean[k, c], pm2[k, c])
         v = q / n
         mean[c] = mu
         var[c] = v
@@ -169,7 +165,7 @@ def _chunks(n: int) -> int:
 
 def channel_stats(x: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel mean, biased variance and 1/sqrt(var + eps) of x (N, C, *): three (C,)."""
-    N, C, HW = checks.check_stats_args(x, eps, _DEVICE)
+    N, C, HW = validate.validate_stats_args(x, eps, _DEVICE)
     k = _chunks(N)
     cnt, pmean, pm2 = np.zeros(k), np.zeros((k, C)), np.zeros((k, C))
     _stats_chunks(_flat(x), N, C, HW, k, cnt, pmean, pm2)
@@ -182,7 +178,7 @@ def normalize(
     x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
 ) -> Tensor:
     """y = (x - mean) * invstd * weight + bias per channel; x (N, C, *), the rest (C,)."""
-    C, HW, weight, bias = checks.check_normalize_args(x, mean, invstd, weight, bias, _DEVICE)
+    C, HW, weight, bias = validate.validate_normalize_args(x, mean, invstd, weight, bias, _DEVICE)
     y = torch.empty_like(x)
     vecs = (t.numpy() for t in (mean, invstd, weight, bias))
     _normalize(_flat(x), C, HW, *vecs, _flat(y))
@@ -191,7 +187,7 @@ def normalize(
 
 def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel sum(dy) and sum(dy * x_hat): two (C,) tensors (dbeta and dgamma)."""
-    N, C, HW = checks.check_backward_reduce_args(dy, x, mean, invstd, _DEVICE)
+    N, C, HW = validate.validate_backward_reduce_args(dy, x, mean, invstd, _DEVICE)
     k = _chunks(N)
     pa, pb = np.zeros((k, C)), np.zeros((k, C))
     _backward_reduce_chunks(_flat(x), _flat(dy), N, C, HW, k, mean.numpy(), invstd.numpy(), pa, pb)
@@ -212,7 +208,7 @@ def backward_elementwise(
 
     With ``sum_dy = sum_dy_xhat = 0`` this is the eval-mode gradient dy * weight * invstd.
     """
-    C, HW, weight = checks.check_backward_elementwise_args(
+    C, HW, weight = validate.validate_backward_elementwise_args(
         dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, _DEVICE
     )
     dx = torch.empty_like(x)
@@ -229,6 +225,6 @@ def update_running_stats(
     count: int,
     momentum: float,
 ) -> None:
-    """In place; a (C,)-sized update, so it is bnlab.functional's (no kernel to gain from)."""
-    checks.check_running(running_mean, running_var, mean, var)
+    """In place; a (C,)-sized update, so it is bnlab.nn.functional's (no kernel to gain from)."""
+    validate.validate_running(running_mean, running_var, mean, var)
     F.update_running_stats(running_mean, running_var, mean, var, count, momentum)

@@ -24,6 +24,8 @@ elementwise ones):
 The kernels are built by :func:`sources` for one float type and block size, so a
 float32 kernel never touches float64 (every constant is of the kernel's own type), and
 :mod:`bnlab.kernels.ptx` can compile the same Python functions to PTX.
+
+Serves notebook 04.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ import torch
 from numba import types
 from torch import Tensor
 
-from bnlab.kernels import checks
+from bnlab.kernels import validate
 from bnlab.kernels.backend import cuda_module, gpu_available, is_simulator
+from bnlab.nn.merge import merge_moments
 
 cuda = cuda_module()
 SIMULATOR = is_simulator()
@@ -68,15 +71,7 @@ def sources(np_dtype: type = np.float32, block: int = BLOCK) -> dict:
     zero, one = np_dtype(0), np_dtype(1)
     device = cuda.jit(device=True)
 
-    @device
-    def chan_merge(na, ma, qa, nb, mb, qb):
-        # Chan, Golub & LeVeque (1979): merge two (count, mean, M2) summaries.
-        n = na + nb
-        if nb == zero:
-            return na, ma, qa
-        delta = mb - ma
-        wb = nb / n
-        return n, ma + delta * wb, qa + qb + delta * delta * na * wb
+    chan_merge = device(merge_moments)  # Chan, Golub & LeVeque (1979), bnlab.nn.merge
 
     @device
     def thread_welford(x, c, C, HW, start, stop, step):
@@ -287,7 +282,7 @@ def channel_stats(x: Tensor, eps: float = 1e-5, split: int | None = None):
     ``split``: number of blocks per channel; None picks 1 (one block per channel) unless
     there are few channels for many values, when the split variant fills the GPU.
     """
-    N, C, HW = checks.check_stats_args(x, eps, _DEVICE)
+    N, C, HW = validate.validate_stats_args(x, eps, _DEVICE)
     k = kernels(x.dtype)
     mean, var, invstd = (torch.empty(C, dtype=x.dtype, device=x.device) for _ in range(3))
     m = N * HW
@@ -307,7 +302,7 @@ def channel_stats(x: Tensor, eps: float = 1e-5, split: int | None = None):
 
 def normalize(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None):
     """y = (x - mean) * invstd * weight + bias per channel; x (N, C, *), the rest (C,)."""
-    C, HW, weight, bias = checks.check_normalize_args(x, mean, invstd, weight, bias, _DEVICE)
+    C, HW, weight, bias = validate.validate_normalize_args(x, mean, invstd, weight, bias, _DEVICE)
     y = torch.empty_like(x)
     args = (_device_array(x), C, HW, *(_device_array(t) for t in (mean, invstd, weight, bias)))
     _launch(
@@ -318,7 +313,7 @@ def normalize(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bi
 
 def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor):
     """Per-channel sum(dy) and sum(dy * x_hat): two (C,) tensors (dbeta and dgamma)."""
-    _, C, HW = checks.check_backward_reduce_args(dy, x, mean, invstd, _DEVICE)
+    _, C, HW = validate.validate_backward_reduce_args(dy, x, mean, invstd, _DEVICE)
     sum_dy, sum_dy_xhat = torch.empty_like(mean), torch.empty_like(mean)
     args = [_device_array(t) for t in (x, dy)] + [C, HW]
     args += [_device_array(t) for t in (mean, invstd, sum_dy, sum_dy_xhat)]
@@ -340,7 +335,7 @@ def backward_elementwise(
 
     With ``sum_dy = sum_dy_xhat = 0`` this is the eval-mode gradient dy * weight * invstd.
     """
-    C, HW, weight = checks.check_backward_elementwise_args(
+    C, HW, weight = validate.validate_backward_elementwise_args(
         dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, _DEVICE
     )
     dx = torch.empty_like(x)
@@ -360,10 +355,10 @@ def update_running_stats(
     count: int,
     momentum: float,
 ) -> None:
-    """In place, with the signature and semantics of ``bnlab.functional.update_running_stats``."""
-    checks.check_running(running_mean, running_var, mean, var)
+    """In place, with the signature and semantics of ``functional.update_running_stats``."""
+    validate.validate_running(running_mean, running_var, mean, var)
     if not SIMULATOR:
-        checks.check_device(running_mean, "cuda", "keep the running buffers on the GPU")
+        validate.validate_device(running_mean, "cuda", "keep the running buffers on the GPU")
     np_t = _NUMPY[mean.dtype]
     args = [_device_array(t) for t in (running_mean, running_var, mean, var)]
     grid = math.ceil(mean.numel() / BLOCK)

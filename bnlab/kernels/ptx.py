@@ -5,6 +5,8 @@ and a process picks one of the two when it first imports ``numba.cuda``. So run 
 a fresh process: ``NUMBA_ENABLE_CUDASIM=0 python -m bnlab.kernels.ptx`` prints, for each
 kernel and dtype, the PTX size and the float64 instructions found in it (a float32
 kernel must have none: one stray ``1.0`` literal would promote its arithmetic to f64).
+
+Serves notebook 04 (and `make test`).
 """
 
 from __future__ import annotations

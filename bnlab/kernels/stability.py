@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bnlab.functional import batch_stats, reduce_dims
+from bnlab.nn.functional import batch_stats, reduce_dims
 
 
 def shifted_data(

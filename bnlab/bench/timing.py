@@ -1,0 +1,105 @@
+"""Timing, as the course measures it: interleaved runs, medians, profiler shares.
+
+Every speed figure in the course (``make bench``, notebooks 04, 07 and 08) is measured
+here. Variants run interleaved (A B C, B C A, ...), so on a shared machine they all see
+the same load and their *ratios* stay meaningful even when absolute times drift; tests
+never assert a time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+def time_interleaved(
+    fns: dict[str, object], repeats: int = 10, warmup: int = 2
+) -> dict[str, list[float]]:
+    """Seconds per call of each zero-argument function, run in rotating order.
+
+    Interleaving (A B C, B C A, ...) exposes every variant to the same load on a shared
+    machine, so their ratios stay meaningful even when absolute times drift.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - start)
+    return times
+
+
+def _median_times(
+    fns: dict[str, Callable[[], object]], repeat: int, sync: Callable[[], None] = lambda: None
+) -> dict[str, float]:
+    """Median seconds per call of each function, run interleaved (interleaved runs).
+
+    ``sync`` runs inside each timed call (torch.cuda.synchronize on a GPU), so a call's
+    time includes the kernels it queued.
+    """
+    synced = {name: (lambda fn=fn: (fn(), sync())) for name, fn in fns.items()}
+    times = time_interleaved(synced, repeats=repeat)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+# Kineto, the profiler's C++ backend, logs as `LEVEL:date time pid:tid File.cpp:line] text`
+# straight to file descriptor 2, e.g. "gpuGetDeviceCount failed with code 35" on every
+# machine without a GPU even when only the CPU is profiled.
+_KINETO_LINE = re.compile(r"^[A-Z]+:\d{4}-\d\d-\d\d \S+ \d+:\d+ \w+\.cpp:\d+\] ")
+
+
+@contextmanager
+def without_kineto_chatter() -> Iterator[None]:
+    """Drop Kineto's log lines written to fd 2 inside the block; pass every other line on.
+
+    Python's warning filters cannot see them (C++ writes to the descriptor, not to
+    sys.stderr), so fd 2 is pointed at a temporary file for the block and read back.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode(errors="replace")
+    kept = [line for line in text.splitlines(keepends=True) if not _KINETO_LINE.match(line)]
+    if kept:
+        sys.stderr.write("".join(kept))
+
+
+def operator_shares(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Share of self CPU time per kind of operator in one inference forward pass.
+
+    Kinds: "batch_norm", "conv" (convolution and mkldnn kernels) and "other"; the shares sum
+    to 1. One warm-up pass runs first. Measured with torch.profiler (CPU activity only).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        model(x)
+        with without_kineto_chatter(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(x)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    shares = {"batch_norm": 0.0, "conv": 0.0, "other": 0.0}
+    for e in events:
+        conv = "conv" in e.key or "mkldnn" in e.key
+        kind = "batch_norm" if "batch_norm" in e.key else "conv" if conv else "other"
+        shares[kind] += e.self_cpu_time_total / total
+    return shares

@@ -1,0 +1,138 @@
+"""Fashion-MNIST in memory: the loaders every training notebook uses (01, 05, 06, 08).
+
+The files themselves (where they are found, their checksums, the download, Debian's
+package, the IDX format) are :mod:`bnlab.experiments.datafiles`; this module turns them
+into tensors, fixed subsets and mini-batches. :class:`TensorLoader` is a DataLoader
+without workers or copies, which is what small CPU experiments need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bnlab.config import pick
+from bnlab.experiments.datafiles import (
+    CLASSES,
+    DataError,
+    DownloadError,
+    ensure,
+    locate,
+    read_split,
+    setup_data,
+)
+
+__all__ = [
+    "CLASSES", "FAST_TEST", "FAST_TRAIN", "Data", "DataError", "DownloadError", "TensorLoader",
+    "class_sorted", "ensure", "fashion_mnist", "load_tensors", "locate", "setup_data", "subset",
+]  # fmt: skip
+
+# FAST mode trains on a fixed random subset; sizes chosen so that LeNet learns in 1-2 epochs.
+FAST_TRAIN = 6000
+FAST_TEST = 2000
+
+
+def load_tensors(train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images and labels of one split: x (N, 1, 28, 28) float32 in [0, 1], y (N,) int64.
+
+    N is 60000 for train, 10000 for test. Cached per process; do not modify in place.
+    """
+    return read_split(ensure(), bool(train))
+
+
+class TensorLoader:
+    """Mini-batches of in-memory tensors, like a DataLoader without workers or copies.
+
+    x: (N, ...) inputs; y: (N,) labels. With ``shuffle`` each pass draws a new permutation
+    from its own generator, seeded by ``seed`` (``reseed`` restarts the sequence).
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+        if len(x) != len(y):
+            raise ValueError(f"x and y must have the same length (got {len(x)} and {len(y)})")
+        self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+        self.generator = torch.Generator()
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the shuffling sequence from ``seed``."""
+        self.generator.manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.x) // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.x)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else None
+        for start in range(0, n, self.batch_size):
+            if order is None:
+                yield (
+                    self.x[start : start + self.batch_size],
+                    self.y[start : start + self.batch_size],
+                )
+            else:
+                idx = order[start : start + self.batch_size]
+                yield self.x[idx], self.y[idx]
+
+
+@dataclass
+class Data:
+    """A train loader (shuffled) and a test loader over Fashion-MNIST."""
+
+    train: TensorLoader
+    test: TensorLoader
+    classes: list[str]
+
+
+def subset(
+    x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random subset of ``n`` examples (all of them when n is None or >= N)."""
+    if n is None or n >= len(x):
+        return x, y
+    if n < 1:
+        raise ValueError(f"subset size n must be >= 1 (got {n})")
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+    return x[idx], y[idx]
+
+
+def fashion_mnist(
+    batch_size: int = 256,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    fast: bool | None = None,
+    seed: int = 0,
+) -> Data:
+    """Fashion-MNIST loaders from in-memory tensors.
+
+    n_train, n_test: subset sizes; by default all 60000/10000 in full mode and
+    FAST_TRAIN/FAST_TEST in FAST mode (``fast`` overrides the environment's choice).
+    Subsets are fixed random draws (``seed``), the same in every run.
+    """
+    use_fast = pick(True, False) if fast is None else fast
+    if use_fast:
+        n_train = FAST_TRAIN if n_train is None else n_train
+        n_test = FAST_TEST if n_test is None else n_test
+    x_train, y_train = subset(*load_tensors(train=True), n_train, seed)
+    x_test, y_test = subset(*load_tensors(train=False), n_test, seed)
+    return Data(
+        train=TensorLoader(x_train, y_train, batch_size, shuffle=True, seed=seed),
+        test=TensorLoader(x_test, y_test, batch_size, shuffle=False),
+        classes=CLASSES,
+    )
+
+
+def class_sorted(loader: TensorLoader, batch_size: int | None = None) -> TensorLoader:
+    """The loader's examples sorted by label, unshuffled: most batches hold a single class."""
+    order = torch.argsort(loader.y, stable=True)
+    return TensorLoader(loader.x[order], loader.y[order], batch_size or loader.batch_size)

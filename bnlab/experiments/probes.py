@@ -1,0 +1,152 @@
+"""Probes: what the activations inside a network do, measured while it runs.
+
+Each probe watches layers through :mod:`bnlab.nn.hooks` and leaves the model as it found it.
+
+- :func:`layer_activations`: the outputs of every layer of one kind for one input
+  (notebooks 01, 03's histograms);
+- :class:`ShiftMonitor`: per-layer, per-step channel means and stds during training, and the
+  covariate-shift statistic built from them (Santurkar et al. 2018; notebooks 01, 08);
+- :func:`moments`: per-channel mean, std, skewness and kurtosis of activations (08);
+- :func:`variance_shift`: each BN layer's test-time input variance over its running
+  variance, the Dropout "variance shift" of Li et al. 2019 (06, 08).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from bnlab.nn import hooks
+from bnlab.nn.functional import reduce_dims
+
+ACTIVATIONS = (nn.ReLU, nn.Sigmoid, nn.Tanh)
+
+
+@torch.no_grad()
+def layer_activations(
+    model: nn.Module, x: Tensor, kind: hooks.Kinds = nn.Tanh
+) -> dict[str, Tensor]:
+    """Outputs of every submodule of type ``kind`` for input ``x``, in forward order.
+
+    Returns {name: (N, ...) tensor}. The model's train/eval mode is left as it is, so a
+    BN model in training mode normalizes with the batch's statistics.
+    """
+    watched = hooks.layers(model, kind)
+    if not watched:
+        raise ValueError(f"the model has no submodule of type {kind}; pass kind=nn.Sigmoid etc.")
+    with hooks.recording(watched, "output") as seen:
+        model(x)
+    return {name: calls[-1] for name, calls in seen.items()}
+
+
+class ShiftMonitor:
+    """Records, at every training forward, the per-channel mean and std of chosen layers.
+
+    By default it watches every nonlinearity's input: what the layer before (BN, noise)
+    passes on, i.e. the distribution the next layer has to cope with. The covariate-shift
+    statistic of a layer is how much that moves from one step to the next, averaged over
+    steps and channels:
+
+        shift = mean_t mean_c ( |mu_t,c - mu_t-1,c| + |sigma_t,c - sigma_t-1,c| )
+
+    (a small version of the distribution plots in Santurkar et al. 2018, Fig. 2 and 5).
+    Use as a context manager around training; only training-mode forwards are recorded.
+    kinds: the layer types to watch; what: "input" or "output" of those layers.
+    """
+
+    def __init__(
+        self, model: nn.Module, kinds: hooks.Kinds = ACTIVATIONS, what: str = "input"
+    ) -> None:
+        if what not in ("input", "output"):
+            raise ValueError(f"what must be 'input' or 'output' (got {what!r})")
+        self.model, self.what = model, what
+        self.layers = hooks.layers(model, kinds)
+        if not self.layers:
+            raise ValueError(f"the model has no layer of type {kinds} to monitor")
+        self.names = [name for name, _ in self.layers]
+        self.means: dict[str, list[Tensor]] = {n: [] for n in self.names}
+        self.stds: dict[str, list[Tensor]] = {n: [] for n in self.names}
+        self._names = {m: n for n, m in self.layers}
+        self._hooked = None
+
+    def _record(self, module: nn.Module, args: tuple, output: Tensor | None = None) -> None:
+        if not module.training:
+            return
+        x = (args[0] if self.what == "input" else output).detach()
+        dims = reduce_dims(x)
+        name = self._names[module]
+        self.means[name].append(x.mean(dims))
+        self.stds[name].append(x.std(dims))
+
+    def __enter__(self) -> ShiftMonitor:
+        self._hooked = hooks.hooked(self._names, self._record, pre=self.what == "input")
+        self._hooked.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooked.__exit__(*exc)
+        self._hooked = None
+
+    def std(self) -> Tensor:
+        """(steps, layers): each layer's channel std, averaged over channels, at every step."""
+        return torch.stack([torch.stack(self.stds[n]).mean(1) for n in self.names], dim=1)
+
+    def shift(self) -> list[float]:
+        """The covariate-shift statistic of each monitored layer, in forward order."""
+        out = []
+        for name in self.names:
+            if len(self.means[name]) < 2:
+                raise ValueError("ShiftMonitor saw fewer than 2 training steps; train inside it")
+            mu, sd = torch.stack(self.means[name]), torch.stack(self.stds[name])  # (steps, C)
+            step = (mu.diff(dim=0).abs() + sd.diff(dim=0).abs()).mean()
+            out.append(step.item())
+        return out
+
+
+def moments(x: Tensor) -> dict[str, float]:
+    """Per-channel mean, std, skewness and excess kurtosis of (N, C, *) activations.
+
+    Statistics are taken per channel over N and the spatial axes, then averaged over
+    channels (the std of the per-channel means is reported too, to show they differ).
+    A standard Gaussian has mean 0, std 1, skew 0, kurtosis 0.
+    Returns {"mean", "mean_spread", "std", "skew", "kurtosis"}.
+    """
+    x = x.detach().double()
+    dims = reduce_dims(x)
+    mu = x.mean(dims, keepdim=True)
+    sd = x.std(dims, unbiased=False, keepdim=True)
+    z = (x - mu) / sd.clamp_min(1e-12)
+    return {
+        "mean": mu.mean().item(),
+        "mean_spread": mu.flatten().std().item() if mu.numel() > 1 else 0.0,
+        "std": sd.mean().item(),
+        "skew": z.pow(3).mean(dims).mean().item(),
+        "kurtosis": (z.pow(4).mean(dims) - 3).mean().item(),
+    }
+
+
+@torch.no_grad()
+def variance_shift(model: nn.Module, x: Tensor, reduce: str = "mean") -> list[float]:
+    """For each BN layer: (variance of its input in eval mode) / (its running variance).
+
+    Li et al. 2019, "Understanding the Disharmony between Dropout and Batch Normalization
+    by Variance Shift": Dropout scales kept units by 1/(1-p) in training, so the variance
+    BN learns to expect differs from what it receives at test time. 1 means no shift,
+    below 1 means BN expects more variance than it gets.
+    reduce: "mean" or "median" of that ratio over channels. Returns one value per BN
+    layer, in forward order; the model's modes are restored.
+    """
+    if reduce not in ("mean", "median"):
+        raise ValueError(f"reduce must be 'mean' or 'median' (got {reduce!r})")
+    bns = hooks.batchnorm_layers(model)
+    if not bns:
+        raise ValueError("the model has no BatchNorm layer")
+    with hooks.preserved(model), hooks.recording(bns, "input") as seen:
+        model.eval()
+        model(x)
+    ratios = []
+    for name, bn in bns:
+        z = seen[name][-1]
+        ratio = z.var(dim=reduce_dims(z)) / bn.running_var
+        ratios.append((ratio.mean() if reduce == "mean" else ratio.median()).item())
+    return ratios

@@ -1,0 +1,281 @@
+"""The normalization family: BatchNorm, LayerNorm, InstanceNorm and GroupNorm.
+
+They are one computation with different axes. Each element ``x[i]`` is normalized with
+the mean and (biased) variance of the elements that share its statistics:
+
+    BatchNorm     (N, C, H, W): per channel, over N, H, W          axes (0, 2, 3)
+    LayerNorm     (N, C, H, W): per sample, over C, H, W           axes (1, 2, 3)
+    InstanceNorm  (N, C, H, W): per sample and channel, over H, W  axes (2, 3)
+    GroupNorm(G)  (N, C, H, W): per sample and group of C/G channels, over those and H, W
+                  = the axes (2, 3) of x viewed as (N, G, C/G * H * W)
+
+:func:`normalize` does the reduction once: it moves the kept axes to the front, views
+the tensor as (1, groups, m) and hands it to ``bnlab.nn.functional.batch_norm`` in training
+mode, so every norm here shares BN's forward and hand-written backward. The affine step
+(gamma, beta) is per channel for BN, GN and IN, and per element of ``normalized_shape``
+for LN, as in torch.nn. Only BN keeps running statistics; the others need none, because
+their statistics never involve other samples (Wu & He, "Group Normalization", 2018).
+
+Serves notebook 08.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from bnlab.nn import functional as F
+from bnlab.nn import modules
+
+KINDS = ("batch", "layer", "instance", "group")
+
+
+def _canonical_dims(dims: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    if not dims:
+        raise ValueError("dims must name at least one axis to reduce over (got an empty tuple)")
+    out = []
+    for d in dims:
+        if not -ndim <= d < ndim:
+            raise ValueError(f"dims contains axis {d}, out of range for a {ndim}D input")
+        out.append(d % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"dims must not repeat an axis (got {dims})")
+    return tuple(sorted(out))
+
+
+def normalize(x: Tensor, dims: int | Sequence[int], eps: float = 1e-5) -> Tensor:
+    """``(x - mean) / sqrt(var + eps)`` with mean and biased variance taken over ``dims``.
+
+    Inputs:
+    - x: tensor of any shape (floating point)
+    - dims: the axes reduced over; elements that differ only along them share statistics
+    - eps: added to the variance
+    Returns x_hat with x's shape. Gradients come from BN's backward
+    (``bnlab.nn.functional.BatchNormFunction``): x is viewed as (1, groups, m), one "channel"
+    per set of elements sharing statistics, m = product of the reduced sizes.
+    """
+    F.validate_floating(x)
+    F.validate_eps(eps)
+    dims = _canonical_dims(dims, x.dim())
+    kept = [d for d in range(x.dim()) if d not in dims]
+    m = math.prod(x.shape[d] for d in dims)
+    if m < 2:
+        raise ValueError(
+            f"normalizing over axes {dims} of an input of shape {tuple(x.shape)} sees a single "
+            "value per statistic, so every output would be 0; reduce over more axes or use a "
+            "larger input (e.g. a batch of at least 2 for BatchNorm)"
+        )
+    perm = kept + list(dims)
+    xp = x.permute(perm)
+    groups = math.prod(x.shape[d] for d in kept)
+    out = F.batch_norm(xp.reshape(1, groups, m), None, None, training=True, eps=eps)
+    inverse = [perm.index(d) for d in range(x.dim())]
+    return out.reshape(xp.shape).permute(inverse)
+
+
+def reduction_axes(kind: str, ndim: int) -> tuple[int, ...]:
+    """Axes that ``kind`` ("batch", "layer", "instance") reduces over for an (N, C, *) input.
+
+    GroupNorm has no fixed axes of x: it reduces over axis 2 of x viewed as (N, G, -1).
+    """
+    F.validate_rank(ndim)
+    axes = {
+        "batch": (0, *range(2, ndim)),
+        "layer": tuple(range(1, ndim)),
+        "instance": tuple(range(2, ndim)),
+    }
+    if kind not in axes:
+        raise ValueError(
+            f"kind must be one of {sorted(axes)} (got {kind!r}); GroupNorm reduces over a "
+            "reshaped tensor: see group_norm"
+        )
+    return axes[kind]
+
+
+def _affine(out: Tensor, weight: Tensor | None, bias: Tensor | None, per_channel: bool) -> Tensor:
+    """gamma * out + beta; per channel (axis 1) or elementwise over trailing axes."""
+    shape = (lambda v: F.per_channel(v, out)) if per_channel else (lambda v: v)
+    if weight is not None:
+        out = out * shape(weight)
+    if bias is not None:
+        out = out + shape(bias)
+    return out
+
+
+def batch_norm_train(
+    x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5
+) -> Tensor:
+    """Training-mode BatchNorm of (N, C, *) input via :func:`normalize` (no running stats)."""
+    return _affine(normalize(x, reduction_axes("batch", x.dim()), eps), weight, bias, True)
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """LayerNorm over the trailing ``normalized_shape`` axes, like torch.nn.functional.layer_norm.
+
+    Inputs: x (*, *normalized_shape); weight, bias of shape normalized_shape or None.
+    Returns x's shape.
+    """
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if tuple(x.shape[x.dim() - len(shape) :]) != shape or len(shape) > x.dim():
+        raise ValueError(
+            f"normalized_shape={shape} must equal the last axes of the input, got input of "
+            f"shape {tuple(x.shape)}"
+        )
+    dims = tuple(range(x.dim() - len(shape), x.dim()))
+    return _affine(normalize(x, dims, eps), weight, bias, False)
+
+
+def instance_norm(
+    x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5
+) -> Tensor:
+    """InstanceNorm of (N, C, *) input: per sample and channel, over the spatial axes.
+
+    Like torch.nn.functional.instance_norm without running statistics. weight, bias: (C,).
+    """
+    if x.dim() < 3:
+        raise ValueError(
+            f"instance norm needs spatial axes: expected (N, C, L) or (N, C, H, W), "
+            f"got shape {tuple(x.shape)}"
+        )
+    return _affine(normalize(x, reduction_axes("instance", x.dim()), eps), weight, bias, True)
+
+
+def group_norm(
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """GroupNorm of (N, C, *) input, like torch.nn.functional.group_norm.
+
+    The C channels are split into ``num_groups`` consecutive groups; each sample and group
+    is normalized over its C / G channels and all spatial positions: axis 2 of x viewed as
+    (N, G, C/G * H * W). weight, bias: (C,), per channel. Returns x's shape.
+    """
+    F.validate_rank(x.dim())
+    channels = x.shape[1]
+    if num_groups < 1 or channels % num_groups:
+        raise ValueError(
+            f"num_groups={num_groups} must be a positive divisor of the {channels} channels"
+        )
+    grouped = normalize(x.reshape(x.shape[0], num_groups, -1), 2, eps)
+    return _affine(grouped.reshape(x.shape), weight, bias, True)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class _Affine(nn.Module):
+    """Holds gamma (``weight``) and beta (``bias``) like torch.nn's norms, or None for each."""
+
+    def __init__(self, shape: tuple[int, ...], affine: bool, bias: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(shape)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(shape)) if affine and bias else None
+
+
+class LayerNorm(_Affine):
+    """Drop-in for torch.nn.LayerNorm (same arguments, parameters and state_dict keys)."""
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+    ) -> None:
+        shape = (
+            (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        )
+        super().__init__(shape, elementwise_affine, bias)
+        self.normalized_shape, self.eps = shape, eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class GroupNorm(_Affine):
+    """Drop-in for torch.nn.GroupNorm: ``num_groups`` groups of ``num_channels`` channels."""
+
+    def __init__(
+        self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True
+    ) -> None:
+        if num_groups < 1 or num_channels % num_groups:
+            raise ValueError(
+                f"num_groups={num_groups} must be a positive divisor of num_channels={num_channels}"
+            )
+        super().__init__((num_channels,), affine)
+        self.num_groups, self.num_channels, self.eps = num_groups, num_channels, eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        F.validate_channels(x, self.num_channels, "num_channels")
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class InstanceNorm2d(_Affine):
+    """Drop-in for torch.nn.InstanceNorm2d with its defaults (no running statistics).
+
+    torch's ``track_running_stats=True`` option is not offered: it is rarely used and
+    would make this BN's eval logic again (see bnlab.nn.modules).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = False) -> None:
+        super().__init__((num_features,), affine)
+        self.num_features, self.eps = num_features, eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"InstanceNorm2d expected 4D input (got {x.dim()}D input)")
+        F.validate_channels(x, self.num_features, "num_features")
+        return instance_norm(x, self.weight, self.bias, self.eps)
+
+
+def make_norm2d(kind: str, channels: int, groups: int = 4) -> nn.Module:
+    """A norm layer for (N, C, H, W) activations by name, all with per-channel gamma, beta.
+
+    kind: "batch" (bnlab BatchNorm2d), "layer" (GroupNorm with 1 group: LayerNorm over
+    C, H, W with per-channel affine, as in Wu & He 2018), "instance" (affine), "group"
+    (``groups`` groups, or fewer when ``channels`` is not divisible), or "none" (Identity).
+    """
+    if kind == "batch":
+        return modules.BatchNorm2d(channels)
+    if kind == "layer":
+        return GroupNorm(1, channels)
+    if kind == "instance":
+        return InstanceNorm2d(channels, affine=True)
+    if kind == "group":
+        return GroupNorm(math.gcd(groups, channels), channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"kind must be one of {[*KINDS, 'none']} (got {kind!r})")
+
+
+# ----------------------------------------------------------------------------- the picture
+
+
+@torch.no_grad()
+def shared_statistics(
+    fn: Callable[[Tensor], Tensor], shape: Sequence[int], index: Sequence[int], seed: int = 0
+) -> Tensor:
+    """Which elements share their statistics with ``x[index]`` under the norm ``fn``.
+
+    Measured, not declared: perturbing ``x[index]`` changes the output exactly at the
+    elements whose mean and variance include it. Runs ``fn`` on random float64 input of
+    ``shape`` with and without the perturbation; returns a bool mask of ``shape``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    bumped = x.clone()
+    bumped[tuple(index)] += 1.0
+    return fn(bumped) != fn(x)

@@ -1,0 +1,10 @@
+"""Teaching tools: what the notebooks use to show, check and explain.
+
+- ``check``: checkers that tell a learner's BN from its typical mistakes (03);
+- ``widgets``: the eps / momentum / batch-size dashboard (03);
+- ``plots``: matplotlib helpers, one picture each (01, 03, 05, 06);
+- ``show``: a function's real source, and side-by-side numeric comparisons (02, 03, 07);
+- ``doctor``: a detector for train/eval pitfalls (06);
+- ``notebooks``: the committed notebooks' metadata, trust and clean outputs
+  (``python -m bnlab.teaching.notebooks``; ``make test``).
+"""

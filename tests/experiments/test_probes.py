@@ -1,0 +1,69 @@
+"""bnlab.experiments.probes: activation probes, on synthetic data."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bnlab.experiments import probes
+from bnlab.nn import modules
+
+
+def test_shift_monitor_measures_the_step_to_step_change():
+    model = nn.Sequential(nn.Identity(), nn.ReLU())
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(20000, 2, generator=g)
+    with probes.ShiftMonitor(model) as monitor:
+        for step in range(4):
+            model(base * (1 + step) + 3.0 * step)  # mean +3, std +1 per step
+        model.eval()
+        model(base * 100)  # eval forwards are not recorded
+    assert len(monitor.means["1"]) == 4
+    assert monitor.shift() == pytest.approx([4.0], abs=0.05)
+    assert model[1]._forward_pre_hooks == {}  # hooks removed on exit
+    with pytest.raises(ValueError, match="fewer than 2"):
+        probes.ShiftMonitor(model).shift()
+    with pytest.raises(ValueError, match="no layer"):
+        probes.ShiftMonitor(nn.Linear(2, 2))
+
+
+def test_moments_of_known_distributions():
+    g = torch.Generator().manual_seed(0)
+    gauss = probes.moments(torch.randn(200000, 2, generator=g) * 3 + 1)
+    assert gauss["mean"] == pytest.approx(1, abs=0.03)
+    assert gauss["std"] == pytest.approx(3, rel=0.01)
+    assert abs(gauss["skew"]) < 0.03 and abs(gauss["kurtosis"]) < 0.05
+    relu = probes.moments(torch.relu(torch.randn(200000, 1, generator=g)))
+    assert relu["skew"] > 1.0  # a half-Gaussian with a spike at 0: far from Gaussian
+    assert relu["mean"] == pytest.approx(1 / math.sqrt(2 * math.pi), abs=0.01)
+
+
+def _trained_running_var(model: nn.Module, x: torch.Tensor, steps: int = 200) -> None:
+    for bn in model.modules():
+        if isinstance(bn, modules.BatchNorm1d):
+            bn.momentum = None  # cumulative average: an exact estimate of the training variance
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(x)
+
+
+def test_variance_shift_is_one_without_dropout_and_1_minus_p_with_dropout_before_bn():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 8, generator=g)
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 8), modules.BatchNorm1d(8))
+    _trained_running_var(plain, x, steps=5)
+    assert probes.variance_shift(plain, x) == pytest.approx([1.0], abs=0.01)
+    p = 0.5
+    torch.manual_seed(0)
+    dropped = nn.Sequential(nn.Dropout(p), modules.BatchNorm1d(8))
+    _trained_running_var(dropped, x)
+    # train: var(mask * x / (1 - p)) = var(x) / (1 - p); eval sees var(x): ratio 1 - p
+    assert probes.variance_shift(dropped, x) == pytest.approx([1 - p], abs=0.03)
+    assert dropped.training  # mode restored
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        probes.variance_shift(nn.Linear(8, 8), x)

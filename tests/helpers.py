@@ -1,0 +1,35 @@
+"""Small builders shared by several test files (tests/ is on pytest's pythonpath)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bnlab.config import seed_everything
+from bnlab.experiments.models import lenet
+
+BN_KINDS = ["torch", "bnlab"]
+
+
+def bn_lenet(bn: str = "torch") -> nn.Sequential:
+    """LeNet with BN after each layer and ReLU, seeded."""
+    seed_everything(0)
+    return lenet(bn=bn, activation="relu")
+
+
+def images(n: int = 64, seed: int = 0) -> torch.Tensor:
+    """n random (1, 28, 28) images in [0, 1)."""
+    return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+def warm_up(model: nn.Module, steps: int = 3) -> None:
+    """A few train-mode forwards so the running statistics are not the initial 0 / 1."""
+    model.train()
+    with torch.no_grad():
+        for s in range(steps):
+            model(images(32, seed=100 + s) * 2 + 0.5)
+
+
+def codes(findings) -> list[str]:
+    """The sorted codes of a list of doctor findings."""
+    return sorted(f.code for f in findings)

@@ -1,0 +1,176 @@
+"""bnlab.nn.norms against torch.nn's LayerNorm, GroupNorm, InstanceNorm2d and BatchNorm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bnlab.nn import functional as F
+from bnlab.nn import norms
+
+TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
+
+
+def _randomize(*mods: nn.Module, seed: int = 1) -> None:
+    """Same random gamma, beta in every module (ones/zeros would hide affine bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    params = [dict(m.named_parameters()) for m in mods]
+    for name, p in params[0].items():
+        value = torch.randn(p.shape, generator=g, dtype=torch.float64)
+        for ps in params:
+            with torch.no_grad():
+                ps[name].copy_(value)
+
+
+def _compare(ours: nn.Module, ref: nn.Module, shape, dtype) -> None:
+    ours, ref = ours.to(dtype), ref.to(dtype)
+    _randomize(ours, ref)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(shape, generator=g, dtype=dtype) + 2).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    dout = torch.randn(shape, generator=g, dtype=dtype)
+    out, out_ref = ours(x), ref(x_ref)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out, out_ref, rtol=tol, atol=tol)
+    (out * dout).sum().backward()
+    (out_ref * dout).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=tol, atol=tol)
+    for (name, p), p_ref in zip(ours.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=tol, atol=tol, msg=name)
+
+
+DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize(
+    "shape, normalized",
+    [((4, 10), (10,)), ((3, 5, 7), (7,)), ((2, 3, 4, 5), (3, 4, 5)), ((2, 3, 4, 5), (4, 5))],
+)
+def test_layer_norm_matches_torch(shape, normalized, affine, dtype):
+    _compare(
+        norms.LayerNorm(normalized, elementwise_affine=affine),
+        nn.LayerNorm(normalized, elementwise_affine=affine),
+        shape,
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize(
+    "groups, shape", [(1, (3, 6, 4, 4)), (2, (3, 6, 4, 4)), (3, (2, 6, 5)), (6, (2, 6, 3, 3))]
+)
+def test_group_norm_matches_torch(groups, shape, affine, dtype):
+    _compare(
+        norms.GroupNorm(groups, shape[1], affine=affine),
+        nn.GroupNorm(groups, shape[1], affine=affine),
+        shape,
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 4), (1, 5, 3, 2)])
+def test_instance_norm_matches_torch(shape, affine, dtype):
+    _compare(
+        norms.InstanceNorm2d(shape[1], affine=affine),
+        nn.InstanceNorm2d(shape[1], affine=affine),
+        shape,
+        dtype,
+    )
+
+
+def test_layer_norm_without_bias_matches_torch():
+    _compare(norms.LayerNorm(6, bias=False), nn.LayerNorm(6, bias=False), (4, 6), torch.float64)
+
+
+@pytest.mark.parametrize("shape", [(8, 3), (4, 3, 5), (2, 3, 4, 4)])
+def test_normalize_over_batch_axes_is_training_batch_norm(shape):
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    w, b = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    ref = nn.functional.batch_norm(x, None, None, w, b, training=True)
+    torch.testing.assert_close(norms.batch_norm_train(x, w, b), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_group_norm_extremes_are_layer_and_instance_norm():
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(norms.group_norm(x, 1), norms.normalize(x, (1, 2, 3)))
+    torch.testing.assert_close(norms.group_norm(x, 4), norms.instance_norm(x))
+
+
+def test_normalized_output_has_zero_mean_unit_variance_over_the_axes():
+    x = torch.randn(4, 6, 3, 3, dtype=torch.float64) * 5 - 3
+    for kind in ("batch", "layer", "instance"):
+        dims = norms.reduction_axes(kind, 4)
+        out = norms.normalize(x, dims, eps=1e-12)
+        assert out.mean(dims).abs().max() < 1e-12
+        assert (out.var(dims, unbiased=False) - 1).abs().max() < 1e-9
+
+
+def test_shared_statistics_masks_count_the_reduced_elements():
+    n, c, h, w = 3, 4, 2, 2
+    shape, index = (n, c, h, w), (1, 2, 0, 1)
+    expected = {
+        "batch": n * h * w,
+        "layer": c * h * w,
+        "instance": h * w,
+        "group": 2 * h * w,  # 2 groups of 2 channels
+    }
+    fns = {
+        kind: (lambda x, k=kind: norms.normalize(x, norms.reduction_axes(k, 4)))
+        for kind in ("batch", "layer", "instance")
+    }
+    fns["group"] = lambda x: norms.group_norm(x, 2)
+    for kind, fn in fns.items():
+        mask = norms.shared_statistics(fn, shape, index)
+        assert mask.sum().item() == expected[kind], kind
+        assert mask[index]
+    group_mask = norms.shared_statistics(fns["group"], shape, index)
+    assert group_mask[1, 2:].all() and not group_mask[1, :2].any() and not group_mask[0].any()
+
+
+def test_make_norm2d_builds_each_kind():
+    x = torch.randn(4, 6, 3, 3)
+    for kind in (*norms.KINDS, "none"):
+        layer = norms.make_norm2d(kind, 6, groups=4)
+        assert layer(x).shape == x.shape
+    assert norms.make_norm2d("group", 6, groups=4).num_groups == 2
+    with pytest.raises(ValueError, match="kind must be one of"):
+        norms.make_norm2d("weight", 6)
+
+
+def test_clear_errors():
+    x = torch.randn(2, 6, 3, 3)
+    with pytest.raises(ValueError, match="positive divisor"):
+        norms.GroupNorm(4, 6)
+    with pytest.raises(ValueError, match="positive divisor"):
+        norms.group_norm(x, 4)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        norms.layer_norm(x, (4, 4))
+    with pytest.raises(ValueError, match="single value per statistic"):
+        norms.normalize(torch.randn(1, 3), 0)
+    with pytest.raises(ValueError, match="out of range"):
+        norms.normalize(x, 4)
+    with pytest.raises(ValueError, match="repeat"):
+        norms.normalize(x, (1, -3))
+    with pytest.raises(ValueError, match="instance norm needs spatial axes"):
+        norms.instance_norm(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="6 channels"):
+        norms.GroupNorm(2, 6)(torch.randn(2, 4, 3, 3))
+    with pytest.raises(TypeError, match="floating-point"):
+        norms.normalize(torch.ones(4, 3, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match="GroupNorm reduces"):
+        norms.reduction_axes("group", 4)
+
+
+def test_half_precision_runs_in_float32_statistics():
+    x = torch.randn(4, 6, 3, 3)
+    out = norms.group_norm(x.half(), 2)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), norms.group_norm(x, 2), rtol=0, atol=5e-3)
+    assert F.reduce_dims(x) == norms.reduction_axes("batch", 4)

@@ -1,0 +1,171 @@
+"""The committed notebooks open clean in JupyterLab and store nothing a reader should not see.
+
+Every course notebook carries the kernelspec and language_info that the installed ipykernel
+writes (else JupyterLab marks it modified on open), no stderr, no error, no numpy repr or
+float noise, finished progress bars; and bnlab.teaching.notebooks' checks catch each of those.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import nbformat
+import pytest
+
+from bnlab.teaching import notebooks
+
+COURSE = notebooks.course_notebooks()
+
+
+def test_there_are_course_notebooks():
+    assert len(COURSE) >= 8 and COURSE[0].name.startswith("01_")
+
+
+@pytest.mark.parametrize("path", COURSE, ids=lambda p: p.stem)
+def test_committed_notebook_metadata_is_what_jupyterlab_writes(path):
+    problems = notebooks.metadata_differences(nbformat.read(path, as_version=4))
+    assert not problems, f"{problems}; run `python -m bnlab.teaching.notebooks normalize`"
+
+
+@pytest.mark.parametrize("path", COURSE, ids=lambda p: p.stem)
+def test_committed_notebook_outputs_are_clean(path):
+    assert notebooks.output_problems(nbformat.read(path, as_version=4)) == []
+
+
+def test_expected_metadata_comes_from_the_installed_ipykernel():
+    import sys
+
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    meta = notebooks.expected_metadata()
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    assert meta["kernelspec"]["display_name"] == spec.display_name
+    assert meta["language_info"]["version"] == sys.version.split()[0]
+    assert meta["language_info"]["name"] == "python"
+
+
+def notebook(*outputs, state=None) -> dict:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x", execution_count=1, outputs=list(outputs))]
+    if state is not None:
+        nb.metadata["widgets"] = {notebooks.WIDGET_STATE: {"state": state}}
+    return nb
+
+
+def stream(name: str, text: str) -> dict:
+    return nbformat.v4.new_output("stream", name=name, text=text)
+
+
+def plain(text: str) -> dict:
+    return nbformat.v4.new_output("execute_result", {"text/plain": text}, execution_count=1)
+
+
+@pytest.mark.parametrize(
+    "output, why",
+    [
+        (stream("stderr", "ERROR: gpuGetDeviceCount failed\n"), "stderr output"),
+        (nbformat.v4.new_output("error", ename="ValueError", evalue="x", traceback=[]), "error"),
+        (plain("{'LeNet': np.float64(0.107)}"), "numpy repr"),
+        (stream("stdout", "momentum=0.09999999999999999\n"), "float noise"),
+        (plain("0.30000000000000004"), "float noise"),
+        (plain("VBox(children=(HBox(children=(FloatLogSlider"), "raw text form"),
+    ],
+)
+def test_each_kind_of_noise_is_caught(output, why):
+    problems = notebooks.output_problems(notebook(output))
+    assert len(problems) == 1 and why in problems[0], problems
+
+
+def test_clean_numbers_pass():
+    text = "momentum=0.1, eps=1e-05, loss 0.263, 1.0, 0.5000, ratio 1.79x, 100.0 %\n"
+    assert notebooks.output_problems(notebook(stream("stdout", text), plain("0.107"))) == []
+
+
+def tqdm_state(value: int, total: int) -> dict:
+    """The saved models of a tqdm notebook bar: HBox(HTML prefix, FloatProgress, HTML suffix)."""
+    return {
+        "box": {"model_name": "HBoxModel", "state": {"children": [
+            "IPY_MODEL_left", "IPY_MODEL_bar", "IPY_MODEL_right"]}},
+        "left": {"model_name": "HTMLModel", "state": {"value": "epochs: 100%"}},
+        "bar": {"model_name": "FloatProgressModel", "state": {"value": value, "max": total}},
+        "right": {"model_name": "HTMLModel", "state": {"value": " 3/3 [00:28&lt;00:00]"}},
+    }  # fmt: skip
+
+
+def test_normalize_stores_the_finished_progress_bar_text():
+    view = nbformat.v4.new_output(
+        "display_data",
+        {notebooks.WIDGET_VIEW: {"model_id": "box"}, "text/plain": "epochs:   0%|  | 0/3"},
+    )
+    nb = notebooks.normalize(notebook(view, state=tqdm_state(3, 3)))
+    assert (
+        nb.cells[0].outputs[0]["data"]["text/plain"] == "epochs: 100%|██████████| 3/3 [00:28<00:00]"
+    )
+    assert nb.metadata["kernelspec"] == notebooks.expected_metadata()["kernelspec"]
+    assert notebooks.output_problems(nb) == []
+
+
+def test_an_unfinished_bar_or_a_view_without_state_is_caught():
+    view = nbformat.v4.new_output("display_data", {notebooks.WIDGET_VIEW: {"model_id": "box"}})
+    problems = notebooks.output_problems(notebook(view, state=tqdm_state(1, 3)))
+    assert "progress bar bar stored at 1/3" in problems
+    problems = notebooks.output_problems(notebook(view, state={}))
+    assert problems == ["cell 0: widget view without saved state (a blank box)"]
+
+
+def test_execution_counts_must_run_in_order():
+    nb = notebook(plain("1"))
+    nb.cells[0]["execution_count"] = 3
+    assert "execution counts" in notebooks.output_problems(nb)[0]
+
+
+def test_trust_signs_committed_notebooks_and_leaves_edited_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "jupyter"))  # a fresh signature db
+    from nbformat.sign import NotebookNotary
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    paths = [repo / "01_a.ipynb", repo / "02_b.ipynb"]
+    for path in paths:
+        nbformat.write(notebook(plain("1")), path)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "notebooks"], check=True)
+    nbformat.write(notebook(plain("2")), paths[1])  # the learner's edit
+    assert notebooks.trust(paths) == [paths[0]]
+    notary = NotebookNotary()
+    assert notary.check_signature(nbformat.read(paths[0], as_version=4))
+    assert not notary.check_signature(nbformat.read(paths[1], as_version=4))
+    assert notebooks.trust(paths, committed_only=False) == paths
+    assert notary.check_signature(nbformat.read(paths[1], as_version=4))
+
+
+def test_a_progress_bar_stored_as_its_first_text_is_caught():
+    view = nbformat.v4.new_output(
+        "display_data",
+        {notebooks.WIDGET_VIEW: {"model_id": "box"}, "text/plain": "epochs:   0%|  | 0/3"},
+    )
+    problems = notebooks.output_problems(notebook(view, state=tqdm_state(3, 3)))
+    assert problems == ["cell 0: progress bar text is not the finished bar"]
+
+
+def test_a_bar_whose_text_stopped_short_is_caught():
+    """tqdm skips redraws within mininterval: a full bar can keep the text "14/15"."""
+    state = tqdm_state(15, 15)
+    state["right"]["state"]["value"] = " 14/15 [00:01&lt;00:00]"
+    view = nbformat.v4.new_output("display_data", {notebooks.WIDGET_VIEW: {"model_id": "box"}})
+    nb = notebooks.normalize(notebook(view, state=state))
+    assert notebooks.output_problems(nb) == ["cell 0: progress bar text stopped at 14/15"]
+
+
+def test_a_bar_saved_hidden_is_caught():
+    """tqdm hides a bar closed with leave=False: the stored notebook shows a blank line."""
+    state = tqdm_state(3, 3)
+    state["box"]["state"]["layout"] = "IPY_MODEL_lay"
+    state["lay"] = {"model_name": "LayoutModel", "state": {"visibility": "hidden"}}
+    view = nbformat.v4.new_output("display_data", {notebooks.WIDGET_VIEW: {"model_id": "box"}})
+    nb = notebooks.normalize(notebook(view, state=state))
+    assert notebooks.output_problems(nb) == ["progress bar box stored hidden (tqdm leave=False)"]
+    notebooks.widget_state(nb)["lay"]["state"]["visibility"] = None
+    assert notebooks.output_problems(nb) == []
