@@ -59,14 +59,8 @@ TARGET_BLOCKS = 1024
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
 
-def sources(np_dtype: type = np.float32, block: int = BLOCK) -> dict:
-    """The kernels as Python functions for one float type and block size (a power of 2).
-
-    Device helpers come back wrapped with ``cuda.jit(device=True)``; kernels come back
-    as plain functions, ready for ``cuda.jit`` or ``cuda.compile_ptx``.
-    """
-    if block & (block - 1):
-        raise ValueError(f"block must be a power of 2 for the tree reduction (got {block})")
+def _device_helpers(np_dtype: type, block: int) -> SimpleNamespace:
+    """Device functions and typed constants shared by the kernels of one float type."""
     nbtype = types.float32 if np_dtype == np.float32 else types.float64
     zero, one = np_dtype(0), np_dtype(1)
     device = cuda.jit(device=True)
@@ -128,6 +122,17 @@ def sources(np_dtype: type = np.float32, block: int = BLOCK) -> dict:
         var[c] = v
         invstd[c] = one / math.sqrt(v + eps)
 
+    return SimpleNamespace(
+        nbtype=nbtype, zero=zero, one=one, chan_merge=chan_merge,
+        thread_welford=thread_welford, block_stats=block_stats, write_stats=write_stats,
+    )  # fmt: skip
+
+
+def _statistics_kernels(d: SimpleNamespace, block: int) -> dict:
+    """Per-channel mean, variance and invstd: one block per channel, or split and merged."""
+    zero, chan_merge, thread_welford = d.zero, d.chan_merge, d.thread_welford
+    block_stats, write_stats = d.block_stats, d.write_stats
+
     def channel_stats(x, C, HW, eps, mean, var, invstd):
         """One block per channel: Welford per thread, Chan's merge across the block."""
         c = cuda.blockIdx.x
@@ -163,11 +168,16 @@ def sources(np_dtype: type = np.float32, block: int = BLOCK) -> dict:
         if tid == 0:
             write_stats(c, n, mu, m2, eps, mean, var, invstd)
 
-    def normalize(x, C, HW, mean, invstd, weight, bias, y):
-        """Grid-stride loop: y = (x - mean) * invstd * weight + bias."""
-        for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
-            c = (i // HW) % C
-            y[i] = (x[i] - mean[c]) * (invstd[c] * weight[c]) + bias[c]
+    return {
+        "channel_stats": channel_stats,
+        "channel_stats_partial": channel_stats_partial,
+        "merge_partials": merge_partials,
+    }
+
+
+def _backward_reduce_kernel(d: SimpleNamespace, block: int):
+    """Per channel sum(dy) and sum(dy * x_hat), tree-summed in shared memory."""
+    zero, nbtype = d.zero, d.nbtype
 
     def backward_reduce(x, dy, C, HW, mean, invstd, sum_dy, sum_dy_xhat):
         """One block per channel: sum(dy) and sum(dy * x_hat), tree-summed in shared memory."""
@@ -198,6 +208,19 @@ def sources(np_dtype: type = np.float32, block: int = BLOCK) -> dict:
             sum_dy[c] = sh_a[0]
             sum_dy_xhat[c] = sh_b[0]
 
+    return backward_reduce
+
+
+def _elementwise_kernels(d: SimpleNamespace) -> dict:
+    """Grid-stride kernels: normalize, the backward's dx, the running-statistics update."""
+    one = d.one
+
+    def normalize(x, C, HW, mean, invstd, weight, bias, y):
+        """Grid-stride loop: y = (x - mean) * invstd * weight + bias."""
+        for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
+            c = (i // HW) % C
+            y[i] = (x[i] - mean[c]) * (invstd[c] * weight[c]) + bias[c]
+
     def backward_elementwise(x, dy, C, HW, mean, invstd, weight, sum_dy, sum_dy_xhat, inv_m, dx):
         """Grid-stride loop: the compact formula for dx."""
         for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
@@ -215,13 +238,25 @@ def sources(np_dtype: type = np.float32, block: int = BLOCK) -> dict:
             running_var[c] = keep * running_var[c] + momentum * (var[c] * unbias)
 
     return {
-        "channel_stats": channel_stats,
-        "channel_stats_partial": channel_stats_partial,
-        "merge_partials": merge_partials,
         "normalize": normalize,
-        "backward_reduce": backward_reduce,
         "backward_elementwise": backward_elementwise,
         "update_running": update_running,
+    }
+
+
+def sources(np_dtype: type = np.float32, block: int = BLOCK) -> dict:
+    """The kernels as Python functions for one float type and block size (a power of 2).
+
+    Device helpers are wrapped with ``cuda.jit(device=True)``; kernels come back as plain
+    functions, ready for ``cuda.jit`` or ``cuda.compile_ptx``.
+    """
+    if block & (block - 1):
+        raise ValueError(f"block must be a power of 2 for the tree reduction (got {block})")
+    d = _device_helpers(np_dtype, block)
+    return {
+        **_statistics_kernels(d, block),
+        **_elementwise_kernels(d),
+        "backward_reduce": _backward_reduce_kernel(d, block),
     }
 
 
