@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PKGS)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[course,dev]"
 	touch $@
 
 # Fashion-MNIST: the offline places, else Debian's package (as root), else a download with

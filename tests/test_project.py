@@ -26,7 +26,8 @@ def requirement(spec: str) -> tuple[str, str]:
 
 def pyproject_requirements() -> dict[str, str]:
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    specs = meta["dependencies"] + meta["optional-dependencies"]["dev"]
+    extras = meta["optional-dependencies"]
+    specs = meta["dependencies"] + extras["course"] + extras["dev"]
     return dict(requirement(s) for s in specs)
 
 
@@ -179,3 +180,22 @@ def test_tests_mirror_the_package():
         )
     for path in (ROOT / "tests").glob("test_*.py"):
         assert path.stem in ("test_config", "test_project"), f"{path.name} belongs in a folder"
+
+
+def test_the_bn_math_imports_without_the_course_extras():
+    """bnlab.nn and the kernels need torch, numpy and numba only; the course adds the rest."""
+    # (not tqdm: torch itself imports it when it is installed)
+    code = (
+        "import sys, bnlab.functional, bnlab.modules, bnlab.norms, bnlab.nn.hooks, "
+        "bnlab.nn.merge, bnlab.kernels.autograd, bnlab.kernels.cpu, bnlab.inference.fusion; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'torchvision', 'jupyterlab', 'ipywidgets', 'matplotlib', 'IPython'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_setup_installs_the_extras_the_course_needs():
+    text = (ROOT / "Makefile").read_text()
+    assert '-e ".[course,dev]"' in text

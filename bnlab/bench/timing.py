@@ -41,7 +41,7 @@ def time_interleaved(
     return times
 
 
-def _median_times(
+def median_times(
     fns: dict[str, Callable[[], object]], repeat: int, sync: Callable[[], None] = lambda: None
 ) -> dict[str, float]:
     """Median seconds per call of each function, run interleaved (interleaved runs).
@@ -103,3 +103,24 @@ def operator_shares(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]
         kind = "batch_norm" if "batch_norm" in e.key else "conv" if conv else "other"
         shares[kind] += e.self_cpu_time_total / total
     return shares
+
+
+def denormal_times(n: int = 2_000_000, repeats: int = 30) -> dict[str, float]:
+    """Median seconds to multiply n float32 values by 0.5: normal, subnormal, subnormal flushed.
+
+    "normal" multiplies values of 1e-3, "subnormal" values of 1e-39 (below float32's
+    smallest normal, 1.2e-38), "flushed" the same with ``torch.set_flush_denormal(True)``
+    on, which turns them into zeros. Many x86 CPUs take a slow path on subnormals (notebook
+    05 measures this machine's).
+    """
+    from bnlab.experiments.train import flush_denormals
+
+    normal, subnormal, half = (torch.full((n,), v) for v in (1e-3, 1e-39, 0.5))
+
+    def flushed() -> None:
+        with flush_denormals(True):
+            subnormal * half
+
+    fns = {"normal": lambda: normal * half, "subnormal": lambda: subnormal * half}
+    times = time_interleaved({**fns, "flushed": flushed}, repeats=repeats)
+    return {name: statistics.median(t) for name, t in times.items()}

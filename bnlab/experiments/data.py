@@ -1,4 +1,4 @@
-"""Fashion-MNIST in memory: the loaders every training notebook uses (01, 05, 06, 08).
+"""Data in memory: Fashion-MNIST's tensors and loaders (05, 06, 08), a synthetic task (01).
 
 The files themselves (where they are found, their checksums, the download, Debian's
 package, the IDX format) are :mod:`bnlab.experiments.datafiles`; this module turns them
@@ -13,19 +13,28 @@ from dataclasses import dataclass
 import torch
 
 from bnlab.config import pick
+
+# The file-level API, re-exported so that ``bnlab.data`` (the learners' path) offers both.
 from bnlab.experiments.datafiles import (
     CLASSES,
     DataError,
     DownloadError,
+    download,
     ensure,
     locate,
+    read_idx,
     read_split,
+    search_dirs,
     setup_data,
+    verify,
+    verify_file,
 )
 
 __all__ = [
     "CLASSES", "FAST_TEST", "FAST_TRAIN", "Data", "DataError", "DownloadError", "TensorLoader",
-    "class_sorted", "ensure", "fashion_mnist", "load_tensors", "locate", "setup_data", "subset",
+    "class_sorted", "download", "ensure", "fashion_mnist", "load_tensors", "locate",
+    "prototype_images", "read_idx", "search_dirs", "setup_data", "subset", "verify",
+    "verify_file",
 ]  # fmt: skip
 
 # FAST mode trains on a fixed random subset; sizes chosen so that LeNet learns in 1-2 epochs.
@@ -136,3 +145,21 @@ def class_sorted(loader: TensorLoader, batch_size: int | None = None) -> TensorL
     """The loader's examples sorted by label, unshuffled: most batches hold a single class."""
     order = torch.argsort(loader.y, stable=True)
     return TensorLoader(loader.x[order], loader.y[order], batch_size or loader.batch_size)
+
+
+def prototype_images(n: int, seed: int = 0, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Fashion-MNIST-shaped task made with torch alone, for notebooks that need no files.
+
+    Each class is a smooth random 28x28 prototype (7x7 noise, bilinearly upsampled); an
+    example is half its prototype plus 0.25, seen through N(0, 0.5^2) pixel noise and
+    clipped to [0, 1], so, like real pixels, the inputs are not centred. One generator
+    seeded with ``seed`` draws prototypes, labels and noise: the same n examples every run.
+    Returns x (n, 1, 28, 28) float32 and y (n,) int64.
+    """
+    g = torch.Generator().manual_seed(seed)
+    prototypes = torch.nn.functional.interpolate(
+        torch.rand(classes, 1, 7, 7, generator=g), size=28, mode="bilinear"
+    )
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = (0.5 * prototypes[y] + 0.25 + 0.5 * torch.randn(n, 1, 28, 28, generator=g)).clamp(0, 1)
+    return x, y

@@ -51,7 +51,7 @@ DEBIAN_PACKAGE = "dataset-fashion-mnist"
 # Seconds any one network operation (connect, read) of a download may take.
 DOWNLOAD_TIMEOUT = 30.0
 # torchvision's FashionMNIST.classes, spelled out so that importing needs no torchvision
-# (tests/test_data.py checks that the two agree).
+# (tests/experiments/test_datafiles.py checks that the two agree).
 CLASSES: list[str] = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",

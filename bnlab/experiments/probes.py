@@ -150,3 +150,27 @@ def variance_shift(model: nn.Module, x: Tensor, reduce: str = "mean") -> list[fl
         ratio = z.var(dim=reduce_dims(z)) / bn.running_var
         ratios.append((ratio.mean() if reduce == "mean" else ratio.median()).item())
     return ratios
+
+
+def subnormal_gradients(
+    model: nn.Module, x: Tensor, y: Tensor, flush: bool = False, threads: int | None = None
+) -> int:
+    """How many gradient entries of one cross-entropy backward are float32 subnormals.
+
+    Subnormals are the nonzero values below float32's smallest normal, 1.2e-38; a deeply
+    saturated sigmoid network produces them (notebook 05). flush: run the backward with
+    ``torch.set_flush_denormal`` on (:func:`bnlab.train.flush_denormals`); threads: torch's
+    intra-op threads for the pass (restored afterwards). The gradients stay in ``.grad``.
+    """
+    from bnlab.experiments.train import flush_denormals
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        with flush_denormals(flush):
+            nn.functional.cross_entropy(model(x), y).backward()
+    finally:
+        torch.set_num_threads(previous)
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    tiny = torch.finfo(torch.float32).tiny
+    return int(((grads != 0) & (grads.abs() < tiny)).sum())

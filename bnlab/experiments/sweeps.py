@@ -128,3 +128,14 @@ def decades(span: tuple[float, float] | None) -> float:
         return 0.0
     low, high = span
     return math.log10(high / low)
+
+
+def per_epoch_table(runs: dict[str, Sequence[History]], key: str = "test_acc") -> str:
+    """Mean +- std over seeds of ``key`` per epoch, one column per run name, as text."""
+    names = list(runs)
+    stats = {n: mean_std(runs[n], key) for n in names}
+    lines = ["epoch  " + "  ".join(f"{n:>16}" for n in names)]
+    for e in range(len(stats[names[0]][0])):
+        row = "  ".join(f"{stats[n][0][e]:.3f} ± {stats[n][1][e]:.3f}".rjust(16) for n in names)
+        lines.append(f"{e + 1:5}  {row}")
+    return "\n".join(lines)

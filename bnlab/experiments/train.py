@@ -180,15 +180,20 @@ def make_optimizer(
 
 
 def train_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimization step on the mean cross-entropy of the batch (x, y).
+    """One optimization step on ``loss_fn(model(x), y)``, the batch's mean cross-entropy.
 
     Forward, clear the old gradients, backward, ``optimizer.step()``. Returns the loss and
-    the logits, both detached (the caller may count correct predictions with them).
+    the model's output, both detached (the caller may count correct predictions with them).
+    The gradients stay in ``.grad`` until the next step clears them.
     """
     logits = model(x)
-    loss = nn.functional.cross_entropy(logits, y)
+    loss = loss_fn(logits, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

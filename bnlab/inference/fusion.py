@@ -328,6 +328,22 @@ def max_difference(ref: Tensor, out: Tensor) -> tuple[float, float]:
     return diff, diff / max(ref.double().abs().max().item(), 1e-300)
 
 
+def fold_errors(
+    model: nn.Module, x: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
+) -> dict[torch.dtype, tuple[float, float]]:
+    """How far ``fold_model(model)`` is from ``model`` on ``x``, computed in each dtype.
+
+    Each dtype gets its own eval-mode copy of the model and of ``x``; the model is not
+    changed. Returns {dtype: (max abs difference, max relative difference)}.
+    """
+    errors = {}
+    for dtype in dtypes:
+        copy_ = copy.deepcopy(model).to(dtype).eval()
+        with torch.no_grad():
+            errors[dtype] = max_difference(copy_(x.to(dtype)), fold_model(copy_)(x.to(dtype)))
+    return errors
+
+
 def randomize_bn_(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BN in ``model`` non-trivial running stats and affine parameters, in place.
 

@@ -123,3 +123,25 @@ def eps_curve(effect, ax: plt.Axes | None = None) -> plt.Axes:
     ax.set_title(f"channel std {fmt(effect.channel_std)}", fontsize=9)
     ax.legend(fontsize=8)
     return ax
+
+
+def accuracy_runs(
+    runs: dict, title: str = "", ax: plt.Axes | None = None, chance: float = 0.1
+) -> plt.Axes:
+    """Mean test accuracy per epoch of each named group of runs, with a +-1 std band.
+
+    ``runs`` maps a name to a list of ``bnlab.train.History`` (one per seed); the legend
+    gives the number of runs. A dotted line marks chance accuracy (``chance``).
+    """
+    from bnlab.experiments.sweeps import mean_std
+
+    ax = ax or plt.gca()
+    for name, histories in runs.items():
+        mean, std = mean_std(histories, "test_acc")
+        epochs = np.arange(1, len(mean) + 1)
+        ax.plot(epochs, mean, marker="o", label=f"{name} (n={len(histories)})")
+        ax.fill_between(epochs, mean - std, mean + std, alpha=0.25)
+    ax.set(xlabel="epoch", ylabel="test accuracy", title=title, ylim=(0, 1))
+    ax.axhline(chance, color="gray", ls=":", lw=1, label="chance")
+    ax.legend()
+    return ax

@@ -139,3 +139,16 @@ def test_small_cnn_runs_with_each_norm(kind):
     model = models.small_cnn(kind, width=8)
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     assert (model[0].bias is None) == (kind != "none")
+
+
+def test_count_parameters_dropout_mlp_and_group_norm_swap():
+    assert models.count_parameters(models.lenet()) == 61706
+    first, last = models.dropout_mlp(True), models.dropout_mlp(False)
+    assert [type(m).__name__ for m in first][3:6] == ["Dropout", "Linear", "BatchNorm1d"]
+    assert [type(m).__name__ for m in last][3:6] == ["Linear", "BatchNorm1d", "Dropout"]
+    assert first(torch.randn(5, 1, 28, 28)).shape == (5, 10)
+    gn = models.with_group_norm(models.lenet(bn="torch", activation="relu"), groups=4)
+    norms_ = [m for m in gn if isinstance(m, nn.GroupNorm)]
+    assert [(g.num_groups, g.num_channels) for g in norms_] == [(2, 6), (4, 16), (4, 120), (4, 84)]
+    assert not any(modules.is_batchnorm(m) for m in gn.modules())
+    assert gn(torch.randn(1, 1, 28, 28)).shape == (1, 10)  # batch of 1: no batch statistics

@@ -67,3 +67,28 @@ def test_variance_shift_is_one_without_dropout_and_1_minus_p_with_dropout_before
     assert dropped.training  # mode restored
     with pytest.raises(ValueError, match="no BatchNorm"):
         probes.variance_shift(nn.Linear(8, 8), x)
+
+
+def test_shift_monitor_on_outputs_and_its_std_curve():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh())
+    with probes.ShiftMonitor(model, nn.Tanh, what="output") as monitor:
+        for _ in range(3):
+            model(torch.randn(16, 4))
+    model(torch.randn(16, 4))  # outside: not recorded
+    assert monitor.std().shape == (3, 2)
+    assert all(len(v) == 3 for v in monitor.means.values())
+    with pytest.raises(ValueError, match="'input' or 'output'"):
+        probes.ShiftMonitor(model, nn.Tanh, what="grad")
+
+
+def test_subnormal_gradients_are_counted_and_flushing_removes_them():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 2))
+    with torch.no_grad():  # every pre-activation -88: sigmoid ~ 6e-39, below float32's normals
+        model[0].weight.zero_()
+        model[0].bias.fill_(-88.0)
+    x, y = torch.randn(4, 4), torch.tensor([0, 1, 0, 1])
+    assert probes.subnormal_gradients(model, x, y, threads=1) > 0
+    model.zero_grad()
+    assert probes.subnormal_gradients(model, x, y, flush=True, threads=1) == 0

@@ -226,3 +226,48 @@ def test_epochs_to():
     h = History(test_acc=[0.2, 0.5, 0.7])
     assert h.epochs_to(0.5) == 2
     assert h.epochs_to(0.9) == math.inf
+
+
+def test_train_step_takes_one_step_and_keeps_the_gradients():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    w0 = model.weight.detach().clone()
+    loss, out = train.train_step(model, opt, x, y)
+    assert not loss.requires_grad and out.shape == (8, 3)
+    torch.testing.assert_close(model.weight, w0 - 0.1 * model.weight.grad)
+    b0 = model.bias.detach() + 0.1 * model.bias.grad  # the bias before the step
+    assert loss.item() == pytest.approx(nn.functional.cross_entropy(x @ w0.T + b0, y).item())
+    custom, _ = train.train_step(model, opt, x, x[:, :3], lambda out, target: (out * target).sum())
+    torch.testing.assert_close(model.bias.grad, x[:, :3].sum(0))  # d(sum(out * t))/d bias
+
+
+def test_train_steps_and_train_epoch_use_every_batch_in_training_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), modules.BatchNorm1d(8), nn.Linear(8, 3)).eval()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    batches = train.RandomBatches(x, y, batch_size=8, steps=5, seed=3)
+    assert len(batches) == 5
+    assert [torch.equal(a[0], b[0]) for a, b in zip(batches, batches, strict=True)] == [True] * 5
+    losses = train.train_steps(model, opt, batches, progress=False)
+    assert len(losses) == 5 and model.training and model[1].num_batches_tracked == 5
+    loss, acc = train.train_epoch(model, opt, TensorLoader(x, y, 16))
+    assert model[1].num_batches_tracked == 8 and 0 <= acc <= 1 and loss > 0
+    with pytest.raises(ValueError, match="no batches"):
+        train.train_epoch(model, opt, [])
+    with pytest.raises(ValueError, match="same length"):
+        train.RandomBatches(x, y[:3], 8, 5)
+
+
+def test_accuracy_in_eval_mode_or_as_the_model_is():
+    model = _bn_classifier()
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    model.train()
+    in_eval = train.accuracy(model, [(x, y)])
+    assert model.training  # mode restored
+    as_is = train.accuracy(model, [(x, y)], eval_mode=False)
+    assert model[1].num_batches_tracked == 1  # it ran in training mode
+    assert in_eval == train.evaluate(model.eval(), [(x, y)])[1]
+    assert 0 <= as_is <= 1

@@ -270,3 +270,13 @@ def test_bn_before_conv_refuses_zero_padding():
 
 
 # ----------------------------------------------------------------------------- speed table
+
+
+def test_fold_errors_per_dtype_leave_the_model_alone():
+    model = fusion.randomize_bn_(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)), 1).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    errors = fusion.fold_errors(model, torch.randn(4, 2, 6, 6))
+    assert set(errors) == {torch.float32, torch.float64}
+    assert errors[torch.float32][1] < 1e-5 and errors[torch.float64][1] < 1e-13
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert next(model.parameters()).dtype == torch.float32

@@ -1,0 +1,110 @@
+"""What a notebook's own code may be: calls into bnlab, and the lesson itself.
+
+The course's rule: notebooks use bnlab instead of re-implementing it. A notebook that
+writes its own training loop, accuracy helper, hook or model walk has a second copy of
+something bnlab owns (``bnlab.train``, ``bnlab.nn.hooks``), and the two drift apart. So a
+notebook's code cells may not
+
+- define a function or class, unless the definition *is* the lesson: a learner's attempt,
+  a deliberately broken version, code quoted from elsewhere to be tested, a model built to
+  make a point. Those are listed in :data:`LESSON_DEFINITIONS` with the reason, and the
+  markdown cell right above the code must name them (in backticks), so the reader is told;
+- call ``.step(`` (an optimizer step: training is ``bnlab.train``'s);
+- register forward hooks, or walk a model with ``.modules()``, ``.named_modules()`` or
+  ``.children()`` (that is ``bnlab.nn.hooks``).
+
+:func:`code_problems` lists the breaches of one notebook; ``tests/teaching`` runs it on every
+course notebook. Serves every notebook (`make test`).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+
+# notebook stem -> {name it defines: why the definition is the lesson itself}
+LESSON_DEFINITIONS: dict[str, dict[str, str]] = {
+    "03_scratch": {
+        "learner_forward": "a learner's attempt with two classic mistakes, for the checker",
+        "learner_forward_2": "a learner's second attempt, one mistake left",
+        "learner_forward_fixed": "the learner's corrected forward",
+        "LearnerBN": "a learner's module with Keras's momentum convention, for the checker",
+    },
+    "04_numba_kernels": {
+        "tree_steps": "the kernels' tree loop on a Python list, counting its barrier steps",
+    },
+    "06_pitfalls": {
+        "d2l_batch_norm": "Dive into Deep Learning's code, quoted to measure its mode bug",
+        "D2LBatchNorm2d": "d2l's layer around that code, quoted with it",
+    },
+    "07_fusion": {
+        "Branchy": "a model written to be untraceable by torch.fx",
+        "Shared": "a model whose conv module is called twice, which fx's fuse gets wrong",
+    },
+}
+
+HOOKS = re.compile(r"\bregister_(?:full_backward|forward_pre|forward)_hook\b")
+WALKS = re.compile(r"\.(?:named_modules|modules|children|named_children)\(\)")
+STEP = re.compile(r"\.step\(")
+
+
+def _python(source: str) -> str:
+    # IPython magics and shell escapes are not Python: blank them, keep line numbers.
+    return "\n".join(
+        "" if line.lstrip().startswith(("%", "!")) else line for line in source.split("\n")
+    )
+
+
+def _markdown_before(cells: list[dict], index: int) -> str:
+    for cell in reversed(cells[:index]):
+        if cell["cell_type"] == "markdown":
+            return "".join(cell["source"])
+    return ""
+
+
+def _definitions(node: ast.AST):
+    """Function and class definitions, outermost first; the body of a definition is its own."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield child
+        else:
+            yield from _definitions(child)
+
+
+def _definition_problems(cells: list[dict], index: int, allowed: dict[str, str]) -> list[str]:
+    tree = ast.parse(_python("".join(cells[index]["source"])))
+    problems = []
+    for node in _definitions(tree):
+        if node.name not in allowed:
+            problems.append(
+                f"cell {index} defines {node.name!r}: use bnlab's, or list it in "
+                "LESSON_DEFINITIONS if it is the lesson itself"
+            )
+        elif f"`{node.name}`" not in _markdown_before(cells, index):
+            problems.append(
+                f"cell {index} defines {node.name!r} ({allowed[node.name]}), but the markdown "
+                f"above does not name `{node.name}` to tell the reader"
+            )
+    return problems
+
+
+def code_problems(nb: dict, stem: str) -> list[str]:
+    """Where notebook ``stem``'s code re-implements bnlab, one message per breach."""
+    allowed = LESSON_DEFINITIONS.get(stem, {})
+    cells = nb["cells"]
+    problems = []
+    for index, cell in enumerate(cells):
+        if cell["cell_type"] != "code":
+            continue
+        source = _python("".join(cell["source"]))
+        problems += _definition_problems(cells, index, allowed)
+        for pattern, what in (
+            (STEP, "an optimizer step"),
+            (HOOKS, "a hook"),
+            (WALKS, "a model walk"),
+        ):
+            if pattern.search(source):
+                problems.append(
+                    f"cell {index} has {what} of its own: use bnlab.train / bnlab.nn.hooks"
+                )
+    return problems
