@@ -167,7 +167,9 @@ def fusion_section(quick: bool = False, threads: int | None = None) -> list[dict
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bnlab.bench", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch and numba)")
     args = parser.parse_args(argv)

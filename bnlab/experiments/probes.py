@@ -42,10 +42,10 @@ def layer_activations(
 class ShiftMonitor:
     """Records, at every training forward, the per-channel mean and std of chosen layers.
 
-    By default it watches every nonlinearity's input: what the layer before (BN, noise)
-    passes on, i.e. the distribution the next layer has to cope with. The covariate-shift
-    statistic of a layer is how much that moves from one step to the next, averaged over
-    steps and channels:
+    It also keeps the std of all their values (:meth:`spread`). By default it watches every
+    nonlinearity's input: what the layer before (BN, noise) passes on, i.e. the distribution
+    the next layer has to cope with. The covariate-shift statistic of a layer is how much
+    that moves from one step to the next, averaged over steps and channels:
 
         shift = mean_t mean_c ( |mu_t,c - mu_t-1,c| + |sigma_t,c - sigma_t-1,c| )
 
@@ -66,6 +66,7 @@ class ShiftMonitor:
         self.names = [name for name, _ in self.layers]
         self.means: dict[str, list[Tensor]] = {n: [] for n in self.names}
         self.stds: dict[str, list[Tensor]] = {n: [] for n in self.names}
+        self.spreads: dict[str, list[Tensor]] = {n: [] for n in self.names}
         self._names = {m: n for n, m in self.layers}
         self._hooked = None
 
@@ -77,6 +78,7 @@ class ShiftMonitor:
         name = self._names[module]
         self.means[name].append(x.mean(dims))
         self.stds[name].append(x.std(dims))
+        self.spreads[name].append(x.std())
 
     def __enter__(self) -> ShiftMonitor:
         self._hooked = hooks.hooked(self._names, self._record, pre=self.what == "input")
@@ -87,9 +89,13 @@ class ShiftMonitor:
         self._hooked.__exit__(*exc)
         self._hooked = None
 
-    def std(self) -> Tensor:
-        """(steps, layers): each layer's channel std, averaged over channels, at every step."""
-        return torch.stack([torch.stack(self.stds[n]).mean(1) for n in self.names], dim=1)
+    def spread(self) -> Tensor:
+        """(steps, layers): the std of each layer's whole batch of values, at every step.
+
+        Over examples *and* channels: a layer whose units sit saturated at different values
+        has a large spread though each unit barely varies over the batch.
+        """
+        return torch.stack([torch.stack(self.spreads[n]) for n in self.names], dim=1)
 
     def shift(self) -> list[float]:
         """The covariate-shift statistic of each monitored layer, in forward order."""

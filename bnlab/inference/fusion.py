@@ -252,19 +252,18 @@ def foldable_pairs(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
     user would see the folded, normalized values). Raises FusionError when the layer
     module is called at more than one place: folding would change every call.
     """
-    mods = dict(gm.named_modules())
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     pairs = []
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(mods[node.target], BATCH_NORMS):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), BATCH_NORMS):
             continue
         prev = node.args[0] if node.args else None
         if not isinstance(prev, fx.Node) or prev.op != "call_module":
             continue
-        if type(mods[prev.target]) not in FOLDABLE or len(prev.users) > 1:
+        if type(gm.get_submodule(prev.target)) not in FOLDABLE or len(prev.users) > 1:
             continue
         if calls[prev.target] > 1:
             raise FusionError(

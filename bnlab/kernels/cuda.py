@@ -253,10 +253,13 @@ def sources(np_dtype: type = np.float32, block: int = BLOCK) -> dict:
     if block & (block - 1):
         raise ValueError(f"block must be a power of 2 for the tree reduction (got {block})")
     d = _device_helpers(np_dtype, block)
+    elementwise = _elementwise_kernels(d)
     return {
         **_statistics_kernels(d, block),
-        **_elementwise_kernels(d),
+        "normalize": elementwise["normalize"],
         "backward_reduce": _backward_reduce_kernel(d, block),
+        "backward_elementwise": elementwise["backward_elementwise"],
+        "update_running": elementwise["update_running"],
     }
 
 

@@ -59,10 +59,12 @@ def validate_momentum(momentum: float | None) -> None:
         )
 
 
-def validate_rank(ndim: int) -> None:
-    """Raise unless an input has the (N, C, ...) axes BN needs: at least 2 dimensions."""
-    if ndim < 2:
-        raise ValueError(f"expected an input of at least 2 dimensions (N, C, ...), got {ndim}D")
+def validate_rank(ndim: int, minimum: int = 2, layout: str = "(N, C, ...)") -> None:
+    """Raise unless an input has at least ``minimum`` dimensions: BN needs (N, C, ...)."""
+    if ndim < minimum:
+        raise ValueError(
+            f"expected an input of at least {minimum} dimensions {layout}, got {ndim}D"
+        )
 
 
 def validate_batch_size(x: Tensor) -> None:

@@ -142,11 +142,7 @@ def instance_norm(
 
     Like torch.nn.functional.instance_norm without running statistics. weight, bias: (C,).
     """
-    if x.dim() < 3:
-        raise ValueError(
-            f"instance norm needs spatial axes: expected (N, C, L) or (N, C, H, W), "
-            f"got shape {tuple(x.shape)}"
-        )
+    F.validate_rank(x.dim(), 3, "(N, C, L) or (N, C, H, W): instance norm needs spatial axes")
     return _affine(normalize(x, reduction_axes("instance", x.dim()), eps), weight, bias, True)
 
 

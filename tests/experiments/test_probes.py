@@ -69,14 +69,14 @@ def test_variance_shift_is_one_without_dropout_and_1_minus_p_with_dropout_before
         probes.variance_shift(nn.Linear(8, 8), x)
 
 
-def test_shift_monitor_on_outputs_and_its_std_curve():
+def test_shift_monitor_on_outputs_and_its_spread_curve():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh())
     with probes.ShiftMonitor(model, nn.Tanh, what="output") as monitor:
         for _ in range(3):
             model(torch.randn(16, 4))
     model(torch.randn(16, 4))  # outside: not recorded
-    assert monitor.std().shape == (3, 2)
+    assert monitor.spread().shape == (3, 2) and (monitor.spread() > 0).all()
     assert all(len(v) == 3 for v in monitor.means.values())
     with pytest.raises(ValueError, match="'input' or 'output'"):
         probes.ShiftMonitor(model, nn.Tanh, what="grad")
