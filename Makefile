@@ -14,7 +14,7 @@ PORT ?= 8888
 DATA_ARGS ?=
 IS_ROOT := $(filter 0,$(shell id -u))
 
-.PHONY: setup lab test test-unit test-notebooks test-browser chromium notebooks bench lint \
+.PHONY: setup lab test test-unit test-deep test-notebooks test-browser chromium notebooks bench lint \
 	data clean
 
 # setup: the environment, then trust the course's notebooks, so that JupyterLab renders
@@ -46,6 +46,10 @@ test: test-unit test-notebooks
 
 test-unit: data
 	$(PY) -m pytest -q tests --ignore=tests/browser
+
+# The unit tests with the property-based tests at thousands of examples each (minutes).
+test-deep: data
+	HYPOTHESIS_PROFILE=deep $(PY) -m pytest -q tests --ignore=tests/browser
 
 test-notebooks: data
 	@test -n "$(NOTEBOOKS)" || { echo "no notebooks found under notebooks/"; exit 1; }

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+from hypothesis import HealthCheck, settings
 from torch import nn
 
 from bnlab.config import seed_everything
@@ -33,3 +36,14 @@ def warm_up(model: nn.Module, steps: int = 3) -> None:
 def codes(findings) -> list[str]:
     """The sorted codes of a list of doctor findings."""
     return sorted(f.code for f in findings)
+
+
+# Property-based tests: a quick, derandomized profile in `make test`, thousands of examples
+# in `make test-deep` (HYPOTHESIS_PROFILE=deep). Tests apply it with @PROPERTY_SETTINGS:
+# torch's test utilities load a profile of their own when imported, so the default
+# profile cannot be relied on.
+settings.register_profile("quick", max_examples=40, derandomize=True, deadline=None)
+settings.register_profile(
+    "deep", max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+PROPERTY_SETTINGS = settings(settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick")))

@@ -198,11 +198,31 @@ def download(dest: Path | None = None, timeout: float = DOWNLOAD_TIMEOUT) -> Pat
     and only then moved into place, so nothing partial is ever left in ``dest``. Every
     network operation gives up after ``timeout`` seconds.
     """
-    dest = Path(dest) if dest is not None else REPO_CACHE / "FashionMNIST" / "raw"
-    dest.mkdir(parents=True, exist_ok=True)
+    dest = Path(dest) if dest is not None else download_dir()
+    _make_writable_dir(dest)
     with _network_timeout(timeout):
         _download_into(dest)
     return dest
+
+
+def download_dir() -> Path:
+    """Where a download goes: below ``$BNLAB_DATA_DIR`` when it is set, else the repo cache."""
+    root = Path(os.environ[ENV_VAR]).expanduser() if os.environ.get(ENV_VAR) else REPO_CACHE
+    return root / "FashionMNIST" / "raw"
+
+
+def _make_writable_dir(dest: Path) -> None:
+    """Create ``dest`` and check a file can be written in it; a DataError says how to move it."""
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=dest):
+            pass
+    except OSError as err:
+        raise DataError(
+            f"cannot write Fashion-MNIST's files to {dest} ({err.strerror or err}); point "
+            f"{ENV_VAR} at a writable folder, e.g. `export {ENV_VAR}=$HOME/data` (make data, "
+            "make test and the notebooks all read it)"
+        ) from err
 
 
 def _download_into(dest: Path) -> None:

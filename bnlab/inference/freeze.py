@@ -92,7 +92,7 @@ def _frozen_copy(bn: nn.Module) -> nn.Module:
             "cannot convert a BatchNorm2d built with track_running_stats=False: it has no "
             "running statistics to freeze"
         )
-    frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps)
+    frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps).to(bn.running_mean.dtype)
     with torch.no_grad():
         frozen.running_mean.copy_(bn.running_mean)
         frozen.running_var.copy_(bn.running_var)
@@ -100,7 +100,8 @@ def _frozen_copy(bn: nn.Module) -> nn.Module:
             frozen.weight.copy_(bn.weight)
         if bn.bias is not None:
             frozen.bias.copy_(bn.bias)
-    return frozen.to(bn.running_mean.device)
+    # torchvision builds float32 buffers; keep the layer's device and dtype
+    return frozen.to(device=bn.running_mean.device, dtype=bn.running_mean.dtype)
 
 
 def to_frozen_batchnorm2d(model: nn.Module) -> nn.Module:

@@ -22,6 +22,7 @@ import copy
 
 import torch
 from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from bnlab.nn import modules
 from bnlab.nn.hooks import batchnorm_layers
@@ -169,6 +170,34 @@ def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
     return fused
 
 
+class FoldedLinear(nn.Linear):
+    """A Linear with a BatchNorm1d folded in, which refuses input of any rank but 2.
+
+    ``Linear -> BatchNorm1d`` folds exactly only when the Linear's output is (N, F): BN then
+    normalizes the Linear's features. On (N, L, F) output BN1d normalizes axis 1, L, and no
+    Linear weight can express that. :func:`fold_model` without an example input cannot see
+    the rank, so it leaves this guard in place of a silently wrong answer.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 2:
+            raise FusionError(
+                f"this Linear has a BatchNorm1d folded in, exact only for (N, features) input; "
+                f"got input of shape {tuple(x.shape)}: on (N, L, F) BatchNorm1d normalizes "
+                "axis 1, not the Linear's features. Keep that BatchNorm unfolded"
+            )
+        return super().forward(x)
+
+
+def _guarded(linear: nn.Linear) -> FoldedLinear:
+    # skip_init: no random initialization, so folding never moves torch's global RNG
+    guard = nn.utils.skip_init(
+        FoldedLinear, linear.in_features, linear.out_features, linear.bias is not None
+    )
+    guard.weight, guard.bias = linear.weight, linear.bias
+    return guard
+
+
 def fold_bn_into_next_conv(
     bn: nn.Module, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, allow_border_error: bool = False
 ) -> nn.Module:
@@ -275,13 +304,40 @@ def foldable_pairs(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
     return pairs
 
 
-def fold_model(model: nn.Module) -> fx.GraphModule:
+def _fold_pair(gm: fx.GraphModule, layer_node: fx.Node, bn_node: fx.Node) -> nn.Module:
+    """The folded layer for one traced pair, or FusionError when the shapes forbid it."""
+    layer = gm.get_submodule(layer_node.target)
+    try:
+        fused = fold_bn(layer, gm.get_submodule(bn_node.target))
+    except FusionError as err:
+        raise FusionError(f"'{layer_node.target}' -> '{bn_node.target}': {err}") from err
+    if not isinstance(layer, nn.Linear):
+        return fused  # a conv's output channels are axis 1, as BN's are
+    meta = layer_node.meta.get("tensor_meta")
+    if meta is None:  # no example input: the rank shows only at call time
+        return _guarded(fused)
+    if len(meta.shape) != 2:
+        raise FusionError(
+            f"'{layer_node.target}' (Linear) -> '{bn_node.target}' "
+            f"({type(gm.get_submodule(bn_node.target)).__name__}): the Linear's output has shape "
+            f"{tuple(meta.shape)}, so the BatchNorm normalizes axis 1, not the Linear's "
+            "features, and no folded weight computes it. Keep this BatchNorm (fold the other "
+            "pairs with bnlab.fusion.fold_by_name)"
+        )
+    return fused
+
+
+def fold_model(model: nn.Module, *example_inputs: Tensor) -> fx.GraphModule:
     """A traced copy of ``model`` with every foldable conv/linear -> BN pair folded.
 
-    Inputs: model in eval mode (torch.nn or bnlab BatchNorms). The model is not changed.
+    Inputs: model in eval mode (torch.nn or bnlab BatchNorms); optionally example inputs,
+    whose traced shapes decide each Linear -> BatchNorm1d pair at fold time (exact only on
+    (N, F) output). Without them such a pair becomes a :class:`FoldedLinear`, which refuses
+    other ranks when called. The model is not changed.
     Returns an fx.GraphModule computing the same function, in which each folded BN is
     gone (graph node and submodule). Raises FusionError if the model is in training mode,
-    cannot be traced (with a hint), or a fold is refused (see :func:`fold_bn`).
+    cannot be traced (with a hint), or a fold is refused (see :func:`fold_bn`), naming the
+    module path and why.
     """
     if model.training:
         raise FusionError(
@@ -289,10 +345,11 @@ def fold_model(model: nn.Module) -> fx.GraphModule:
             "call model.eval() first"
         )
     gm = trace(copy.deepcopy(model))
+    if example_inputs:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
     for layer_node, bn_node in foldable_pairs(gm):
-        layer = gm.get_submodule(layer_node.target)
-        fused = fold_bn(layer, gm.get_submodule(bn_node.target))
-        gm.set_submodule(layer_node.target, fused)
+        gm.set_submodule(layer_node.target, _fold_pair(gm, layer_node, bn_node))
         bn_node.replace_all_uses_with(layer_node)
         gm.graph.erase_node(bn_node)
     gm.graph.lint()

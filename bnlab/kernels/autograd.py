@@ -27,6 +27,18 @@ def ops(backend: str):
     return importlib.import_module(f"bnlab.kernels.{backend}")
 
 
+NO_HIGHER_ORDER = (
+    "the Numba kernels' backward is not differentiable, so higher-order gradients "
+    "(create_graph=True: gradient penalties, Hessian-vector products) are not available "
+    "through bnlab.kernels; first-order gradients work. Use bnlab.modules.BatchNorm1d/2d "
+    "(or bnlab.functional.batch_norm), whose backward is differentiable"
+)
+NO_FORWARD_AD = (
+    "the Numba kernels have no forward-mode derivative (torch.func.jvp, forward_ad); use "
+    "bnlab.modules.BatchNorm1d/2d (or bnlab.functional.batch_norm), which have one"
+)
+
+
 class KernelBatchNormFunction(torch.autograd.Function):
     """Forward and backward through the kernels; statistics computed in the forward.
 
@@ -52,6 +64,8 @@ class KernelBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        if torch.is_grad_enabled():  # create_graph=True: someone will differentiate dx again
+            raise RuntimeError(NO_HIGHER_ORDER)
         x, weight, mean, invstd = ctx.saved_tensors
         k = ops(ctx.backend)
         dy = dy.contiguous()
@@ -67,6 +81,10 @@ class KernelBatchNormFunction(torch.autograd.Function):
         dgamma = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
         dbeta = sum_dy if ctx.needs_input_grad[2] else None
         return dx, dgamma, dbeta, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(NO_FORWARD_AD)
 
 
 def batch_norm(
@@ -85,10 +103,17 @@ def batch_norm(
     Inputs: x (N, C, *) contiguous float32/float64; running_mean, running_var (C,) or
     None; weight, bias (C,) or None. Returns a tensor of x's shape.
     """
-    F.validate_batch_norm_args(x, running_mean, running_var, weight, training, eps)
-    return KernelBatchNormFunction.apply(
-        x, weight, bias, running_mean, running_var, training, momentum, eps, backend
-    )
+    F.validate_batch_norm_args(x, running_mean, running_var, weight, training, eps, bias)
+    if x.numel() == 0:  # an empty batch: nothing for a kernel to do, and no statistics to update
+        return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    try:
+        return KernelBatchNormFunction.apply(
+            x, weight, bias, running_mean, running_var, training, momentum, eps, backend
+        )
+    except RuntimeError as err:  # torch.func transforms refuse the Function before it runs
+        if "setup_context" in str(err):
+            raise RuntimeError(NO_FORWARD_AD) from err
+        raise
 
 
 class _KernelMixin:
@@ -104,7 +129,11 @@ class _KernelMixin:
         self.backend = backend
 
     def _normalize(self, x, running_mean, running_var, training: bool, momentum: float) -> Tensor:
-        return batch_norm(
+        # The kernels index NCHW memory. channels_last input is computed on an NCHW copy
+        # and handed back channels_last, as torch's BatchNorm2d keeps the input's format.
+        channels_last = x.dim() == 4 and not x.is_contiguous()
+        channels_last = channels_last and x.is_contiguous(memory_format=torch.channels_last)
+        out = batch_norm(
             x.contiguous(),
             running_mean,
             running_var,
@@ -115,6 +144,7 @@ class _KernelMixin:
             self.eps,
             backend=self.backend,
         )
+        return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
 class BatchNorm1d(_KernelMixin, modules.BatchNorm1d):

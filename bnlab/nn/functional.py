@@ -23,6 +23,7 @@ Serves notebooks 02 and 03.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -30,6 +31,13 @@ from torch import Tensor
 # ---------------------------------------------------------------------------------
 # Validation: one place, messages in torch's style that also name the remedy.
 # ---------------------------------------------------------------------------------
+
+
+class ShapeError(ValueError, RuntimeError):
+    """A tensor of the wrong shape: a ValueError, and a RuntimeError as torch raises for it.
+
+    Code written against torch (``except RuntimeError``) catches it as it catches torch's.
+    """
 
 
 def validate_floating(x: Tensor, name: str = "input") -> None:
@@ -43,7 +51,7 @@ def validate_floating(x: Tensor, name: str = "input") -> None:
 
 def validate_eps(eps: float) -> None:
     """Raise unless eps > 0 (eps keeps the division defined for a constant channel)."""
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+    if not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a positive number (got eps={eps!r}); the default is 1e-5")
 
 
@@ -51,7 +59,8 @@ def validate_momentum(momentum: float | None) -> None:
     """Raise unless momentum is None (cumulative average) or in [0, 1]."""
     if momentum is None:
         return
-    if not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
+    # numbers.Real: Python and NumPy scalars alike (torch accepts np.float32(0.1) too)
+    if not (isinstance(momentum, numbers.Real) and 0.0 <= momentum <= 1.0):
         raise ValueError(
             f"momentum must be in [0, 1] or None (got momentum={momentum!r}); PyTorch weighs "
             "the new batch by momentum (default 0.1). A Keras-style momentum of 0.99 is "
@@ -63,7 +72,8 @@ def validate_rank(ndim: int, minimum: int = 2, layout: str = "(N, C, ...)") -> N
     """Raise unless an input has at least ``minimum`` dimensions: BN needs (N, C, ...)."""
     if ndim < minimum:
         raise ValueError(
-            f"expected an input of at least {minimum} dimensions {layout}, got {ndim}D"
+            f"expected an input of at least {minimum} dimensions {layout}, got {ndim}D; "
+            "give it the missing axes, e.g. x.unsqueeze(1) for a single channel"
         )
 
 
@@ -151,8 +161,10 @@ def update_running_stats(
     the factor actually applied (the module turns ``momentum=None`` into 1/num_batches).
     """
     unbiased = batch_var * (count / (count - 1))
-    running_mean.mul_(1.0 - momentum).add_(batch_mean.to(running_mean.dtype), alpha=momentum)
-    running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    for running, batch in ((running_mean, batch_mean), (running_var, unbiased)):
+        # torch's order, in its accumulation type (float32 for half-precision buffers)
+        acc = accumulation_view(running)
+        running.copy_(momentum * batch.to(acc.dtype) + (1.0 - momentum) * acc)
 
 
 def averaging_factor(momentum: float | None, num_batches_tracked: Tensor | None) -> float:
@@ -247,30 +259,54 @@ def batchnorm_backward_compact(dout: Tensor, cache: tuple) -> tuple[Tensor, Tens
 # ---------------------------------------------------------------------------------
 
 
+def _normalized(x: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
+    return (x - per_channel(mean, x)) * per_channel(invstd, x)
+
+
+def _affine(xhat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    out = xhat if weight is None else xhat * per_channel(weight, xhat)
+    return out if bias is None else out + per_channel(bias, xhat)
+
+
 class BatchNormFunction(torch.autograd.Function):
     """Normalize with the given statistics and apply the affine map; backward by hand.
 
     ``training=True``: mean and invstd are the batch's, so they depend on x and the
     backward is the compact formula. ``training=False``: they are constants (running
     statistics), and the map is affine in x: dx = dout * gamma * invstd.
+
+    Higher derivatives (``create_graph=True``: gradient penalties, Hessian-vector
+    products) differentiate the forward again with autograd, from the saved input, so the
+    gradient is itself differentiable. Forward-mode AD (``torch.func.jvp``) has its own
+    formula, the tangent of x_hat: ``invstd * (dx - mean(dx) - x_hat * mean(x_hat * dx))``.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, training):  # noqa: D401 (autograd API)
-        xhat = (x - per_channel(mean, x)) * per_channel(invstd, x)
-        out = xhat
-        if weight is not None:
-            out = out * per_channel(weight, x)
-        if bias is not None:
-            out = out + per_channel(bias, x)
-        ctx.save_for_backward(xhat, weight, invstd)
-        ctx.training = training
-        ctx.has_bias = bias is not None
-        return out.to(x.dtype)
+    def forward(x, weight, bias, mean, invstd, training, eps):
+        return _affine(_normalized(x, mean, invstd), weight, bias).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, mean, invstd, training, eps = inputs
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.save_for_forward(x, weight, mean, invstd)
+        ctx.training, ctx.eps = training, eps
+        ctx.set_materialize_grads(False)  # None, not zeros, for inputs without a tangent
 
     @staticmethod
     def backward(ctx, dout):
-        xhat, weight, invstd = ctx.saved_tensors
+        if dout is None:  # the output took no part in the loss
+            return None, None, None, None, None, None, None
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
+            return (
+                *_differentiable_grads(ctx, dout, x, weight, bias, mean, invstd),
+                None,
+                None,
+                None,
+                None,
+            )
+        xhat = _normalized(x, mean, invstd)
         dims = reduce_dims(xhat)
         dout_acc = dout.to(xhat.dtype)
         scale = per_channel(invstd, xhat)
@@ -289,9 +325,69 @@ class BatchNormFunction(torch.autograd.Function):
             dx = dx.to(dout.dtype)
         if weight is not None and ctx.needs_input_grad[1]:
             dgamma = (dout_acc * xhat).sum(dim=dims).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            dbeta = dout_acc.sum(dim=dims).to(weight.dtype if weight is not None else dout.dtype)
-        return dx, dgamma, dbeta, None, None, None
+        if bias is not None and ctx.needs_input_grad[2]:
+            dbeta = dout_acc.sum(dim=dims).to(bias.dtype)
+        return dx, dgamma, dbeta, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, dx, dweight, dbias, dmean, dinvstd, _training, _eps):
+        if not ctx.training and dx is not None and (dmean is not None or dinvstd is not None):
+            raise RuntimeError(  # torch's message for dual running statistics
+                "batch_norm is not differentiable wrt running_mean and running_var: pass "
+                "them without a tangent (they are statistics, not inputs)"
+            )
+        x, weight, mean, invstd = ctx.saved_tensors
+        xhat = _normalized(x, mean, invstd)
+        dims = reduce_dims(xhat)
+        out = torch.zeros_like(xhat)
+        if dx is None and dweight is None and dbias is None:  # tangents of statistics only
+            return out
+        if dx is not None:
+            if ctx.training:  # the batch statistics move with x
+                dx = dx - dx.mean(dim=dims, keepdim=True)
+                dx = dx - xhat * (xhat * dx).mean(dim=dims, keepdim=True)
+            dxhat = dx * per_channel(invstd, xhat)
+            out = out + (dxhat if weight is None else dxhat * per_channel(weight, xhat))
+        if dweight is not None:
+            out = out + xhat * per_channel(dweight, xhat)
+        if dbias is not None:
+            out = out + per_channel(dbias, xhat)
+        return out
+
+
+def _differentiable_grads(ctx, dout, x, weight, bias, mean, invstd) -> list[Tensor | None]:
+    """(dx, dweight, dbias) as a graph of tensor operations, for derivatives of derivatives."""
+    needs = ctx.needs_input_grad[:3]
+    wanted = [t if need else None for t, need in zip((x, weight, bias), needs, strict=True)]
+    inputs = [t for t in wanted if t is not None]
+    if not inputs:
+        return [None, None, None]
+    with torch.enable_grad():
+        if ctx.training:  # recompute the statistics as functions of x
+            batch_mean, batch_var = batch_stats(x)
+            mean, invstd = batch_mean, torch.rsqrt(batch_var + ctx.eps)
+        out = _affine(_normalized(x, mean, invstd), weight, bias)
+        grads = iter(torch.autograd.grad(out, inputs, dout, create_graph=True, allow_unused=True))
+    return [next(grads) if t is not None else None for t in wanted]
+
+
+def validate_vector(t: Tensor | None, name: str, x: Tensor) -> None:
+    """Raise unless ``t`` is None or a floating (C,) tensor on ``x``'s device, C = x.shape[1]."""
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None (got {type(t).__name__})")
+    if t.dim() != 1 or t.numel() != x.shape[1]:
+        raise ShapeError(
+            f"{name} must have shape ({x.shape[1]},), one value per channel of the input of "
+            f"shape {tuple(x.shape)} (got {name} of shape {tuple(t.shape)})"
+        )
+    validate_floating(t, name)
+    if t.device != x.device:
+        raise ValueError(
+            f"{name} is on {t.device} but the input is on {x.device}; move it with "
+            f"{name}.to(input.device)"
+        )
 
 
 def validate_batch_norm_args(
@@ -301,17 +397,27 @@ def validate_batch_norm_args(
     weight: Tensor | None,
     training: bool,
     eps: float,
+    bias: Tensor | None = None,
 ) -> None:
-    """The argument checks every batch_norm implementation shares (scratch and kernels)."""
+    """Every check batch_norm makes, all before any buffer changes (scratch and kernels)."""
     validate_floating(x)
     validate_eps(eps)
     validate_rank(x.dim())
-    for name, t in (("running_mean", running_mean), ("weight", weight)):
-        if t is not None:
-            validate_channels(x, t.numel(), name)
+    for name, t in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
+        validate_vector(t, name, x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            "pass running_mean and running_var together, or neither (got only "
+            f"{'running_mean' if running_var is None else 'running_var'})"
+        )
     if training:
         validate_batch_size(x)
-    elif running_mean is None or running_var is None:
+    elif running_mean is None:
         raise ValueError(
             "running_mean and running_var are required when training=False; pass "
             "training=True to normalize with the batch statistics"
@@ -335,17 +441,24 @@ def batch_norm(
     buffers are given, updates them in place with factor ``momentum``.
     Returns a tensor of x's shape.
     """
-    validate_batch_norm_args(x, running_mean, running_var, weight, training, eps)
+    vectors = (running_mean, running_var, weight, bias)
+    if x.dim() == 1 and x.numel() == 0 and all(t is None or t.numel() == 0 for t in vectors):
+        return x.clone()  # torch accepts an empty 1-D input with empty statistics: nothing to do
+    validate_batch_norm_args(x, running_mean, running_var, weight, training, eps, bias)
     xs = accumulation_view(x)
-    if training:
+    count = x.numel() // x.shape[1] if x.shape[1] else 0
+    if training and count == 0:
+        # An empty batch (N = 0 or a zero-size spatial axis): torch returns an empty output
+        # and leaves the running statistics alone. The values below touch no element.
+        mean = torch.zeros(x.shape[1], dtype=xs.dtype, device=x.device)
+        var = torch.ones_like(mean)
+    elif training:
         with torch.no_grad():  # the backward accounts for the statistics' dependence on x
             mean, var = batch_stats(xs)
-        if running_mean is not None and running_var is not None:
-            update_running_stats(
-                running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum
-            )
+        if running_mean is not None:
+            update_running_stats(running_mean, running_var, mean, var, count, momentum)
     else:
         mean, var = running_mean.to(xs.dtype), running_var.to(xs.dtype)
     invstd = torch.rsqrt(var + eps)
-    out = BatchNormFunction.apply(xs, weight, bias, mean, invstd, training)
+    out = BatchNormFunction.apply(xs, weight, bias, mean, invstd, training, eps)
     return out.to(x.dtype)

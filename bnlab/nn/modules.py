@@ -91,12 +91,14 @@ class _BatchNorm(nn.Module):
             want = " or ".join(f"{d}D" for d in self.expected_dims)
             raise ValueError(
                 f"{type(self).__name__} expected {want} input (got {x.dim()}D input of shape "
-                f"{tuple(x.shape)})"
+                f"{tuple(x.shape)}); BatchNorm1d takes (N, C) or (N, C, L), BatchNorm2d "
+                "(N, C, H, W), BatchNorm3d (N, C, D, H, W)"
             )
         if x.shape[1] != self.num_features:
             raise ValueError(
                 f"{type(self).__name__}({self.num_features}) expected {self.num_features} "
-                f"channels in dimension 1, got {x.shape[1]} in input of shape {tuple(x.shape)}"
+                f"channels in dimension 1, got {x.shape[1]} in input of shape {tuple(x.shape)}; "
+                f"build it as {type(self).__name__}({x.shape[1]}) or check the layer before it"
             )
         F.validate_floating(x)
 
@@ -105,13 +107,21 @@ class _BatchNorm(nn.Module):
         # the module as it was (the functional call checks again for direct callers).
         self._check_input_dim(x)
         F.validate_momentum(self.momentum)  # attributes can be changed after construction
-        F.validate_eps(self.eps)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        F.validate_batch_norm_args(  # every argument, before any buffer changes
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            use_batch_stats,
+            self.eps,
+            self.bias,
+        )
         factor = 0.0
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             factor = F.averaging_factor(self.momentum, self.num_batches_tracked)
-        # Batch statistics when training, or when there are no running ones to use.
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        # Batch statistics when training, or when there are no running ones to use (above).
         # Running buffers are passed when they are to be used (eval) or updated (train+track).
         pass_buffers = not self.training or self.track_running_stats
         return self._normalize(
@@ -129,11 +139,14 @@ class _BatchNorm(nn.Module):
         )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args, **kwargs):
-        # Old torch checkpoints (version < 2) have no num_batches_tracked: start it at 0.
+        # Old torch checkpoints (version < 2) have no num_batches_tracked. As torch does, the
+        # module keeps its own counter (0 only when it has none, or it is on the meta device).
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+            own = self.num_batches_tracked
+            keep = own is not None and own.device != torch.device("meta")
+            state_dict[key] = own if keep else torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -47,13 +47,17 @@ def _canonical_dims(dims: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def normalize(x: Tensor, dims: int | Sequence[int], eps: float = 1e-5) -> Tensor:
+def normalize(
+    x: Tensor, dims: int | Sequence[int], eps: float = 1e-5, single_value: str = "refuse"
+) -> Tensor:
     """``(x - mean) / sqrt(var + eps)`` with mean and biased variance taken over ``dims``.
 
     Inputs:
     - x: tensor of any shape (floating point)
     - dims: the axes reduced over; elements that differ only along them share statistics
     - eps: added to the variance
+    - single_value: what one value per statistic gives: "refuse" (BatchNorm and InstanceNorm
+      in torch raise) or "zero" (LayerNorm and GroupNorm in torch return x_hat = 0)
     Returns x_hat with x's shape. Gradients come from BN's backward
     (``bnlab.nn.functional.BatchNormFunction``): x is viewed as (1, groups, m), one "channel"
     per set of elements sharing statistics, m = product of the reduced sizes.
@@ -63,6 +67,8 @@ def normalize(x: Tensor, dims: int | Sequence[int], eps: float = 1e-5) -> Tensor
     dims = _canonical_dims(dims, x.dim())
     kept = [d for d in range(x.dim()) if d not in dims]
     m = math.prod(x.shape[d] for d in dims)
+    if m < 2 and single_value == "zero":
+        return (x - x) * eps**-0.5  # x - mean(x) is 0; its gradient is 0 too, as in torch
     if m < 2:
         raise ValueError(
             f"normalizing over axes {dims} of an input of shape {tuple(x.shape)} sees a single "
@@ -126,13 +132,13 @@ def layer_norm(
     Returns x's shape.
     """
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    if tuple(x.shape[x.dim() - len(shape) :]) != shape or len(shape) > x.dim():
-        raise ValueError(
+    if tuple(x.shape[x.dim() - len(shape) :]) != shape or len(shape) > x.dim() or not shape:
+        raise F.ShapeError(
             f"normalized_shape={shape} must equal the last axes of the input, got input of "
             f"shape {tuple(x.shape)}"
         )
     dims = tuple(range(x.dim() - len(shape), x.dim()))
-    return _affine(normalize(x, dims, eps), weight, bias, False)
+    return _affine(normalize(x, dims, eps, single_value="zero"), weight, bias, False)
 
 
 def instance_norm(
@@ -165,7 +171,7 @@ def group_norm(
         raise ValueError(
             f"num_groups={num_groups} must be a positive divisor of the {channels} channels"
         )
-    grouped = normalize(x.reshape(x.shape[0], num_groups, -1), 2, eps)
+    grouped = normalize(x.reshape(x.shape[0], num_groups, -1), 2, eps, single_value="zero")
     return _affine(grouped.reshape(x.shape), weight, bias, True)
 
 
@@ -175,10 +181,13 @@ def group_norm(
 class _Affine(nn.Module):
     """Holds gamma (``weight``) and beta (``bias``) like torch.nn's norms, or None for each."""
 
-    def __init__(self, shape: tuple[int, ...], affine: bool, bias: bool = True) -> None:
+    def __init__(
+        self, shape: tuple[int, ...], affine: bool, bias: bool = True, device=None, dtype=None
+    ) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(shape)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(shape)) if affine and bias else None
+        kw = {"device": device, "dtype": dtype}  # torch's factory kwargs
+        self.weight = nn.Parameter(torch.ones(shape, **kw)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(shape, **kw)) if affine and bias else None
 
 
 class LayerNorm(_Affine):
@@ -190,11 +199,13 @@ class LayerNorm(_Affine):
         eps: float = 1e-5,
         elementwise_affine: bool = True,
         bias: bool = True,
+        device=None,
+        dtype=None,
     ) -> None:
         shape = (
             (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
         )
-        super().__init__(shape, elementwise_affine, bias)
+        super().__init__(shape, elementwise_affine, bias, device, dtype)
         self.normalized_shape, self.eps = shape, eps
 
     def forward(self, x: Tensor) -> Tensor:
@@ -205,13 +216,20 @@ class GroupNorm(_Affine):
     """Drop-in for torch.nn.GroupNorm: ``num_groups`` groups of ``num_channels`` channels."""
 
     def __init__(
-        self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        bias: bool = True,
+        device=None,
+        dtype=None,
     ) -> None:
         if num_groups < 1 or num_channels % num_groups:
             raise ValueError(
                 f"num_groups={num_groups} must be a positive divisor of num_channels={num_channels}"
             )
-        super().__init__((num_channels,), affine)
+        super().__init__((num_channels,), affine, bias, device, dtype)
         self.num_groups, self.num_channels, self.eps = num_groups, num_channels, eps
 
     def forward(self, x: Tensor) -> Tensor:
@@ -220,21 +238,87 @@ class GroupNorm(_Affine):
 
 
 class InstanceNorm2d(_Affine):
-    """Drop-in for torch.nn.InstanceNorm2d with its defaults (no running statistics).
+    """Drop-in for torch.nn.InstanceNorm2d: torch's arguments, defaults and state_dict keys.
 
-    torch's ``track_running_stats=True`` option is not offered: it is rarely used and
-    would make this BN's eval logic again (see bnlab.nn.modules).
+    Each sample and channel is normalized over its H x W values. With
+    ``track_running_stats=True`` the layer also keeps running statistics (the mean over the
+    batch of the per-instance statistics) and eval mode normalizes with them, as torch's
+    does; ``momentum=None`` then means 0, as in torch. Accepts (N, C, H, W) input and,
+    as torch does, unbatched (C, H, W) input.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = False) -> None:
-        super().__init__((num_features,), affine)
-        self.num_features, self.eps = num_features, eps
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = False,
+        track_running_stats: bool = False,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__((num_features,), affine, bias, device, dtype)
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.affine, self.track_running_stats = affine, track_running_stats
+        kw = {"device": device, "dtype": dtype}
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **kw))
+            self.register_buffer("running_var", torch.ones(num_features, **kw))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        else:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                self.register_buffer(name, None)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"InstanceNorm2d expected 4D input (got {x.dim()}D input)")
+        if x.dim() not in (3, 4):
+            raise ValueError(
+                f"InstanceNorm2d expected 4D (N, C, H, W) or unbatched 3D (C, H, W) input "
+                f"(got {x.dim()}D input)"
+            )
+        if x.dim() == 3:  # unbatched: one sample
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         F.validate_channels(x, self.num_features, "num_features")
-        return instance_norm(x, self.weight, self.bias, self.eps)
+        if self.running_mean is None:
+            return instance_norm(x, self.weight, self.bias, self.eps)
+        return instance_norm_tracked(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            use_input_stats=self.training,
+            momentum=0.0 if self.momentum is None else self.momentum,
+            eps=self.eps,
+        )
+
+
+def instance_norm_tracked(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    use_input_stats: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """InstanceNorm with running statistics, computed as torch's ``instance_norm`` does.
+
+    The (N, C, *) input is seen as one sample of N x C channels and batch-normalized; each
+    channel's running statistics are updated N times in parallel (once per sample's copy)
+    and averaged back over the samples.
+    """
+    n, c = x.shape[:2]
+    repeat = (lambda v: None if v is None else v.repeat(n)) if n else (lambda v: v)
+    rm, rv = repeat(running_mean), repeat(running_var)
+    flat = x.reshape(1, n * c, *x.shape[2:])
+    out = F.batch_norm(flat, rm, rv, repeat(weight), repeat(bias), use_input_stats, momentum, eps)
+    if use_input_stats and n:
+        with torch.no_grad():
+            running_mean.copy_(rm.view(n, c).mean(0))
+            running_var.copy_(rv.view(n, c).mean(0))
+    return out.view_as(x)
 
 
 def make_norm2d(kind: str, channels: int, groups: int = 4) -> nn.Module:

@@ -364,3 +364,16 @@ def test_images_and_labels_that_do_not_pair_up_are_refused(fake, monkeypatch):
     write_fake(tmp / "debian", contents)
     with pytest.raises(datafiles.DataError, match="do not pair up"):
         data.load_tensors(train=True)
+
+
+def test_an_unwritable_cache_names_the_folder_and_bnlab_data_dir(fake, monkeypatch):
+    tmp, _ = fake
+    blocker = tmp / "a-file"
+    blocker.write_text("not a folder")  # mkdir below a file fails, even for root
+    monkeypatch.setenv(datafiles.ENV_VAR, str(blocker / "data"))
+    assert datafiles.download_dir() == blocker / "data" / "FashionMNIST" / "raw"
+    with pytest.raises(datafiles.DataError) as err:
+        datafiles.download()
+    message = str(err.value)
+    assert str(blocker / "data") in message and "BNLAB_DATA_DIR" in message
+    assert not isinstance(err.value, OSError)

@@ -112,3 +112,12 @@ def test_replace_modules_swaps_bn_for_groupnorm():
     )
     assert isinstance(model[1], nn.GroupNorm) and isinstance(model[10], nn.BatchNorm1d)
     assert model(images(4)).shape == (4, 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_frozen_batchnorm_keeps_the_dtype(dtype):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).to(dtype).eval()
+    frozen = to_frozen_batchnorm2d(model)
+    assert frozen[1].running_var.dtype == frozen[1].weight.dtype == dtype
+    x = torch.randn(1, 1, 5, 5, dtype=dtype)
+    assert frozen(x).dtype == dtype

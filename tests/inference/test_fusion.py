@@ -280,3 +280,46 @@ def test_fold_errors_per_dtype_leave_the_model_alone():
     assert errors[torch.float32][1] < 1e-5 and errors[torch.float64][1] < 1e-13
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert next(model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("length", [5, 7])
+def test_linear_bn1d_on_3d_input_is_refused_not_folded_wrong(length):
+    torch.manual_seed(0)
+    features = 5
+    model = fusion.randomize_bn_(nn.Sequential(nn.Linear(4, features), nn.BatchNorm1d(length)))
+    model.eval()
+    x = torch.randn(2, length, 4)
+    with pytest.raises(FusionError, match=r"'0'.*'1'"):  # names the module path
+        fusion.fold_model(model, x)
+    if length == features:  # without an example input the guard refuses at call time
+        with pytest.raises(FusionError, match=r"axis 1"):
+            fusion.fold_model(model)(x)
+
+
+def test_linear_bn1d_on_2d_input_still_folds_with_or_without_an_example():
+    model = fusion.randomize_bn_(nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5))).eval()
+    x = torch.randn(3, 4)
+    for folded in (fusion.fold_model(model), fusion.fold_model(model, x)):
+        assert fusion.max_difference(model(x), folded(x))[1] < 1e-6
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_torchvision_models_fold_exactly_from_traced_shapes(name):
+    import torchvision  # the course extra; make setup installs it
+
+    torch.manual_seed(0)
+    net = fusion.randomize_bn_(getattr(torchvision.models, name)(weights=None), 1).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        folded = fusion.fold_model(net, x)
+        assert not [n for n, _ in fusion.batchnorm_layers(folded)]
+        assert fusion.max_difference(net(x), folded(x))[1] < 1e-5
+
+
+def test_folding_does_not_move_the_global_random_state():
+    model = fusion.randomize_bn_(nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5))).eval()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    fusion.fold_model(model)
+    assert torch.equal(torch.rand(3), expected)

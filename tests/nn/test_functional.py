@@ -120,7 +120,9 @@ def test_functional_errors():
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match="running_mean and running_var are required"):
         F.batch_norm(x, None, None, training=False)
-    with pytest.raises(ValueError, match=r"expected input with 2 channels .*got 3"):
+    with pytest.raises(
+        ValueError, match=r"running_mean must have shape \(3,\).*got running_mean of shape \(2,\)"
+    ):
         F.batch_norm(x, torch.zeros(2), torch.ones(2), training=False)
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         F.batch_norm(torch.randn(5), None, None, training=True)
@@ -128,3 +130,95 @@ def test_functional_errors():
         F.batch_norm(torch.ones(4, 3, dtype=torch.int32), None, None, training=True)
     with pytest.raises(ValueError, match="eps must be a positive number"):
         F.batch_norm(x, None, None, training=True, eps=0.0)
+
+
+# ------------------------------------------------------------------ parity with torch's functional
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:FutureWarning"
+)  # inside torch.func
+def test_gradgradcheck_and_jvp_match_torch(training):
+    from torch.func import jvp
+
+    torch.manual_seed(0)
+    dt = torch.float64
+    x = torch.randn(5, 3, 2, dtype=dt, requires_grad=True)
+    w = (torch.rand(3, dtype=dt) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=dt, requires_grad=True)
+    rm, rv = torch.randn(3, dtype=dt), torch.rand(3, dtype=dt) + 0.5
+    stats = (None, None) if training else (rm, rv)
+
+    def ours(x, w, b):
+        return F.batch_norm(x, *stats, w, b, training=training)
+
+    def theirs(x, w, b):
+        return TF.batch_norm(x, *stats, w, b, training=training)
+
+    assert torch.autograd.gradgradcheck(ours, (x, w, b))
+    primals = tuple(t.detach() for t in (x, w, b))
+    tangents = tuple(torch.randn_like(t) for t in primals)
+    (out_o, tan_o), (out_t, tan_t) = jvp(ours, primals, tangents), jvp(theirs, primals, tangents)
+    torch.testing.assert_close(out_o, out_t)
+    torch.testing.assert_close(tan_o, tan_t)
+
+
+def test_empty_input_leaves_running_statistics_alone():
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    before = (rm.clone(), rv.clone())
+    for shape in ((0, 3), (2, 3, 0)):
+        out = F.batch_norm(torch.randn(shape), rm, rv, training=True)
+        assert out.shape == shape
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+
+def test_numpy_scalars_are_accepted_like_python_numbers():
+    import numpy as np
+
+    x = torch.randn(6, 3)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    F.batch_norm(x, rm, rv, training=True, momentum=np.float32(0.5), eps=np.float64(1e-3))
+    ref_m, ref_v = torch.zeros(3), torch.ones(3)
+    TF.batch_norm(x, ref_m, ref_v, training=True, momentum=0.5, eps=1e-3)
+    torch.testing.assert_close(rm, ref_m)
+    torch.testing.assert_close(rv, ref_v)
+
+
+# ------------------------------------------------------------------ torch's OpInfo samples
+def _opinfo_samples():
+    from bnlab.kernels.backend import cuda_module
+
+    cuda_module()  # torch's test utilities import numba.cuda: let bnlab pick the target first
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    op = next(o for o in op_db if o.name == "nn.functional.batch_norm" and not o.variant_test_name)
+    return list(op.sample_inputs("cpu", torch.float64, requires_grad=True))
+
+
+OPINFO = _opinfo_samples()
+
+
+@pytest.mark.parametrize("sample", OPINFO, ids=[f"opinfo{i}" for i in range(len(OPINFO))])
+def test_opinfo_samples_match_torch(sample):
+    """Output, gradients and the running statistics after the call, for every OpInfo sample."""
+
+    def run(fn):
+        x = sample.input.detach().clone().requires_grad_()
+        args = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in sample.args]
+        for i in (2, 3):  # weight and bias get gradients too
+            if i < len(args) and isinstance(args[i], torch.Tensor):
+                args[i].requires_grad_()
+        out = fn(x, *args, **sample.kwargs)
+        leaves = [x] + [a for a in args[2:4] if isinstance(a, torch.Tensor)]
+        grads = torch.autograd.grad(out.sum(), leaves, allow_unused=True) if out.numel() else []
+        return out, grads, args[:2]
+
+    (out_o, grads_o, stats_o), (out_t, grads_t, stats_t) = run(F.batch_norm), run(TF.batch_norm)
+    torch.testing.assert_close(out_o, out_t)
+    for a, b in zip(grads_o, grads_t, strict=True):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(stats_o, stats_t, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)

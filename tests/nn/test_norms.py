@@ -174,3 +174,92 @@ def test_half_precision_runs_in_float32_statistics():
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.float(), norms.group_norm(x, 2), rtol=0, atol=5e-3)
     assert F.reduce_dims(x) == norms.reduction_axes("batch", 4)
+
+
+# ------------------------------------------------------------------ torch's own sample inputs
+from torch_samples import run_side_by_side, samples  # noqa: E402
+
+MODULE_DB = [s for name in ("LayerNorm", "GroupNorm", "InstanceNorm2d") for s in samples(name)]
+
+
+@pytest.mark.parametrize(
+    "sid, args, kwargs, fargs, training", MODULE_DB, ids=[s[0] for s in MODULE_DB]
+)
+def test_module_db_samples_match_torch(sid, args, kwargs, fargs, training):
+    name = sid.split("-")[0]
+    ours = getattr(norms, name)(*args, **kwargs).double()
+    diffs = run_side_by_side(ours, getattr(nn, name)(*args, **kwargs).double(), fargs, training)
+    assert diffs["counter"], diffs
+    assert max(diffs["output"], diffs["input grad"], diffs["state"]) < 1e-10, diffs
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda kw: norms.LayerNorm(4, **kw), (3, 4)),
+        (lambda kw: norms.LayerNorm((2, 3), **kw), (2, 2, 3)),
+        (lambda kw: norms.GroupNorm(2, 4, **kw), (3, 4, 2)),
+        (lambda kw: norms.InstanceNorm2d(3, affine=True, **kw), (2, 3, 2, 3)),
+    ],
+)
+def test_norm_family_has_differentiable_gradients_and_factory_kwargs(make, shape):
+    m = make({"dtype": torch.float64, "device": "cpu"})
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+    with torch.no_grad():
+        for p in m.parameters():
+            p.uniform_(0.5, 1.5)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x: m(x), (x,))
+
+
+def test_edge_cases_torch_accepts():
+    dt = torch.float64
+    x = torch.randn(3, 1, dtype=dt)
+    torch.testing.assert_close(norms.LayerNorm(1, dtype=dt)(x), nn.LayerNorm(1, dtype=dt)(x))
+    x = torch.randn(5, 4, dtype=dt)  # four groups of one value, five samples
+    torch.testing.assert_close(norms.GroupNorm(4, 4, dtype=dt)(x), nn.GroupNorm(4, 4, dtype=dt)(x))
+    x = torch.randn(3, 4, 5, dtype=dt)  # unbatched (C, H, W)
+    torch.testing.assert_close(norms.InstanceNorm2d(3)(x), nn.InstanceNorm2d(3)(x))
+    with pytest.raises(ValueError, match="4D .* or unbatched 3D"):
+        norms.InstanceNorm2d(3)(torch.randn(3, 4))
+
+
+# ------------------------------------------------------------------ ported from torch
+# test/test_nn.py's _test_LayerNorm_general and _test_GroupNorm_general, re-expressed: the
+# same shapes, bnlab against torch.nn (torch's versions check mean 0 / var 1 with eps=0,
+# which bnlab refuses: eps must be > 0, see docs/bad-inputs.md).
+
+
+@pytest.mark.parametrize(
+    "shape, groups",
+    [
+        ((1, 2, 3, 4), 2),
+        ((2, 3, 10), 3),
+        ((3, 1, 1, 1, 2), 1),
+        ((2, 6, 4, 2, 2), 3),
+        ((1, 256, 1, 1), 32),
+    ],
+)
+def test_GroupNorm_general(shape, groups):  # noqa: N802 (torch's name)
+    torch.manual_seed(0)
+    x = torch.empty(shape, dtype=torch.float64).uniform_(0, 10).requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    ours = norms.GroupNorm(groups, shape[1], dtype=torch.float64)
+    ref = nn.GroupNorm(groups, shape[1], dtype=torch.float64)
+    out, ref_out = ours(x), ref(xr)
+    torch.testing.assert_close(out, ref_out)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref_out.backward(grad)
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+
+
+@pytest.mark.parametrize(
+    "norm_shape, input_shape", [((2, 3), (3,)), ((2,), (1, 2, 3)), ((10,), (2, 3)), (10, (2, 3))]
+)
+def test_LayerNorm_general_bad_shapes(norm_shape, input_shape):  # noqa: N802 (torch's name)
+    with pytest.raises(RuntimeError):
+        nn.LayerNorm(norm_shape)(torch.rand(input_shape))
+    with pytest.raises(RuntimeError, match="normalized_shape"):  # bnlab: ValueError too
+        norms.LayerNorm(norm_shape)(torch.rand(input_shape))
