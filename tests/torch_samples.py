@@ -63,3 +63,14 @@ def run_side_by_side(ours: torch.nn.Module, ref: torch.nn.Module, fargs, trainin
         "state": max([gap(so[k], v) for k, v in sr.items() if v.is_floating_point()] or [0.0]),
         "counter": all(torch.equal(so[k], v) for k, v in sr.items() if not v.is_floating_point()),
     }
+
+
+def assert_sample_matches_torch(make_ours, sid: str, args, kwargs, fargs, training: bool) -> None:
+    """Build bnlab's module with ``make_ours(name)(*args, **kwargs)`` and torch's ``nn.<name>``
+    from one :func:`samples` entry; assert equal outputs, input gradients and state (1e-10)."""
+    name = sid.split("-")[0]
+    ours = make_ours(name)(*args, **kwargs).double()
+    ref = getattr(torch.nn, name)(*args, **kwargs).double()
+    diffs = run_side_by_side(ours, ref, fargs, training)
+    assert diffs["counter"], diffs
+    assert max(diffs["output"], diffs["input grad"], diffs["state"]) < 1e-10, diffs

@@ -308,7 +308,7 @@ def test_bad_num_features(n):
 
 
 # ------------------------------------------------------------------ torch's own sample inputs
-from torch_samples import run_side_by_side, samples  # noqa: E402
+from torch_samples import assert_sample_matches_torch, samples  # noqa: E402
 
 MODULE_DB = [s for name in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d") for s in samples(name)]
 
@@ -317,11 +317,9 @@ MODULE_DB = [s for name in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d") for s i
     "sid, args, kwargs, fargs, training", MODULE_DB, ids=[s[0] for s in MODULE_DB]
 )
 def test_module_db_samples_match_torch(sid, args, kwargs, fargs, training):
-    name = sid.split("-")[0]
-    ours = getattr(modules, name)(*args, **kwargs).double()
-    diffs = run_side_by_side(ours, getattr(nn, name)(*args, **kwargs).double(), fargs, training)
-    assert diffs["counter"], diffs
-    assert max(diffs["output"], diffs["input grad"], diffs["state"]) < 1e-10, diffs
+    assert_sample_matches_torch(
+        lambda name: getattr(modules, name), sid, args, kwargs, fargs, training
+    )
 
 
 # ------------------------------------------------------------------ empty batches
