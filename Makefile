@@ -14,7 +14,8 @@ PORT ?= 8888
 DATA_ARGS ?=
 IS_ROOT := $(filter 0,$(shell id -u))
 
-.PHONY: setup lab test test-unit test-deep test-notebooks test-browser chromium notebooks bench lint \
+.PHONY: setup lab test test-unit test-deep test-notebooks test-browser chromium notebooks bench readme \
+	lint \
 	data clean
 
 # setup: the environment, then trust the course's notebooks, so that JupyterLab renders
@@ -76,15 +77,22 @@ chromium:
 notebooks: data
 	@for nb in $(NOTEBOOKS); do \
 		echo "== $$nb"; start=$$(date +%s); \
-		BNLAB_FAST=0 $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
+		BNLAB_FAST=0 BNLAB_RECORD=1 $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
 			--ExecutePreprocessor.timeout=1800 "$$nb" || exit 1; \
 		echo "   $$(( $$(date +%s) - start )) s"; \
 	done
 	$(PY) -m bnlab.teaching.notebooks normalize $(NOTEBOOKS)
 	$(PY) -m bnlab.teaching.notebooks trust --all $(NOTEBOOKS)
+	$(PY) -m bnlab.teaching.results readme
 
+# The full runs (make notebooks, make bench) write results/results.json; the README's
+# results tables are generated from it.
 bench: setup
-	$(PY) -m bnlab.bench
+	BNLAB_RECORD=1 $(PY) -m bnlab.bench
+	$(PY) -m bnlab.teaching.results readme
+
+readme: setup
+	$(PY) -m bnlab.teaching.results readme
 
 lint: setup
 	$(VENV)/bin/ruff check bnlab tests notebooks

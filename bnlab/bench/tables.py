@@ -166,6 +166,40 @@ def fusion_section(quick: bool = False, threads: int | None = None) -> list[dict
     return rows
 
 
+def record_figures(rows: list[dict], copy: float, fusion_rows: list[dict], gpu) -> None:
+    """Put ``make bench``'s headline figures in the results store (bnlab.teaching.results)."""
+    from bnlab.teaching.results import record
+
+    kernel = [r for r in rows if r["impl"].endswith("kernel")]
+    for r in kernel:
+        shape = "x".join(map(str, r["shape"]))
+        record(
+            f"bench.cpu.{shape}",
+            {k: r[k] for k in ("fwd vs torch", "fwd+bwd vs torch", "fwd+bwd GB/s")},
+            f"CPU kernel vs torch, training, float32, {tuple(r['shape'])}, "
+            f"{torch.get_num_threads()} threads, make bench",
+            f"forward {r['fwd vs torch']:.2f}x, forward+backward {r['fwd+bwd vs torch']:.2f}x; "
+            f"{r['fwd+bwd GB/s']:.1f} GB/s = {100 * r['fwd+bwd GB/s'] / copy:.0f}% of copy "
+            f"bandwidth {copy:.1f} GB/s",
+        )
+    for r in fusion_rows:
+        record(
+            f"bench.fold.{r['model']}",
+            [r["bnlab_speedup"], r["fx_speedup"]],
+            f"inference speedup from folding BN, {r['model']} {r['input']}, CPU "
+            "(bnlab / torch.fx fuse), make bench",
+            f"{r['bnlab_speedup']:.2f}x / {r['fx_speedup']:.2f}x",
+        )
+    text = "not measured: no CUDA GPU on the machine that ran make bench"
+    if gpu is not None:
+        text = "; ".join(
+            f"{tuple(r['shape'])} {r['impl']}: fwd+bwd {r['fwd+bwd vs torch']:.2f}x"
+            for r in gpu[0]
+            if r["impl"].endswith("kernel")
+        )
+    record("bench.gpu", text, "CUDA kernels vs torch on a GPU, make bench", text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bnlab.bench", description=__doc__.splitlines()[0]
@@ -180,17 +214,21 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nCPU, float32, training mode. Copy bandwidth: {copy:.1f} GB/s")
     print("x torch: torch's time / this time (>1 is faster); GB/s: 3 passes fwd, 7 fwd+bwd\n")
     print(format_table(rows, copy, "copy"))
-    fusion_section(args.quick, args.threads)
+    fusion_rows = fusion_section(args.quick, args.threads)
     gpu = gpu_section(args.quick)
     if gpu is None:
         print("\nGPU: no CUDA GPU on this machine, so no GPU rows were measured.")
-        return
-    rows, info = gpu
-    print(
-        f"\nGPU {info['device']}: peak {info['peak GB/s']:.0f} GB/s from its attributes, "
-        f"copy {info['copy GB/s']:.0f} GB/s; torch's batch_norm backend: {info['torch backend']}\n"
-    )
-    print(format_table(rows, info["peak GB/s"], "peak"))
+    else:
+        gpu_rows, info = gpu
+        print(
+            f"\nGPU {info['device']}: peak {info['peak GB/s']:.0f} GB/s from its attributes, "
+            f"copy {info['copy GB/s']:.0f} GB/s; torch's batch_norm backend: "
+            f"{info['torch backend']}\n"
+        )
+        print(format_table(gpu_rows, info["peak GB/s"], "peak"))
+    if not args.quick:  # the store holds full runs only
+        print()
+        record_figures(rows, copy, fusion_rows, gpu)
 
 
 if __name__ == "__main__":

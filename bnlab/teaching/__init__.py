@@ -5,6 +5,8 @@
 - ``plots``: matplotlib helpers, one picture each (01, 03, 05, 06);
 - ``show``: a function's real source, and side-by-side numeric comparisons (02, 03, 07);
 - ``doctor``: a detector for train/eval pitfalls (06);
+- ``results``: the results store that full runs write, and the README tables built from it
+  (``make readme``);
 - ``notebook_code``: what a notebook's own code may be (calls into bnlab, and the lesson);
 - ``notebooks``: the committed notebooks' metadata, trust and clean outputs
   (``python -m bnlab.teaching.notebooks``; ``make test``).

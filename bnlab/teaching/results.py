@@ -1,0 +1,169 @@
+"""The results store: every headline figure of the course, in one machine-readable file.
+
+Full runs write it, nothing else does: ``make notebooks`` (each notebook's full run) and
+``make bench`` set ``BNLAB_RECORD=1``, and :func:`record` adds or replaces a figure only
+then, and never in FAST mode. The README's results tables are generated from the store
+(``make readme``, run by both), and tests check that the README matches the store and
+that the store matches what the notebooks' stored outputs show.
+
+Schema of ``results/results.json`` (version 1)::
+
+    {"schema": 1,
+     "figures": {
+        "<key>": {"table": "<README table>", "what": "<row label>", "text": "<as shown>",
+                  "value": <number, string or list>, "source": "<notebook stem or 'bench'>",
+                  "recorded": "<YYYY-MM-DD>"}}}
+
+In a notebook, :func:`record` also prints ``[result] <key> = <text>``, so the stored
+output carries each figure next to the cell that measured it.
+
+Serves every notebook and ``make bench`` (`make test` checks the README against it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+from pathlib import Path
+
+from bnlab.config import fast_mode
+
+ROOT = Path(__file__).resolve().parents[2]
+STORE = ROOT / "results" / "results.json"
+README = ROOT / "README.md"
+RECORD_ENV = "BNLAB_RECORD"
+SCHEMA = 1
+RESULT_LINE = re.compile(r"^\[result\] (\S+) = (.*)$", re.M)
+TABLES = {  # README tables, in order: (title, column heading of the row labels)
+    "results": ("Headline figures", "what"),
+    "pitfalls": ("Pitfalls (notebook 06)", "pitfall: symptom measured, and after the fix"),
+    "claims": ("Claims (notebook 08)", "claim"),
+}
+
+
+def load(path: Path = STORE) -> dict:
+    """The store as a dict; an empty store when the file does not exist yet."""
+    if not path.is_file():
+        return {"schema": SCHEMA, "figures": {}}
+    data = json.loads(path.read_text())
+    if data.get("schema") != SCHEMA:
+        raise ValueError(f"{path} has schema {data.get('schema')!r}; this bnlab reads {SCHEMA}")
+    return data
+
+
+def recording() -> bool:
+    """Whether figures go to the store now: a full run started by make (BNLAB_RECORD=1)."""
+    return os.environ.get(RECORD_ENV) == "1" and not fast_mode()
+
+
+def record(key: str, value, what: str, text: str | None = None, table: str = "results",
+           source: str | None = None, path: Path = STORE) -> str:  # fmt: skip
+    """Record one headline figure; returns (and prints) the text shown for it.
+
+    key: unique, dotted (``"05.classic.bn"``); value: a number, string or list; what:
+    the row label in the README; text: how the value reads (default ``str(value)``);
+    table: one of :data:`TABLES`; source: the notebook stem or "bench" (default: the
+    key's first part, e.g. ``"05"`` is looked up as ``notebooks/05_*.ipynb``).
+    """
+    if table not in TABLES:
+        raise ValueError(f"table must be one of {sorted(TABLES)} (got {table!r})")
+    if not re.fullmatch(r"[\w.\-]+", key):
+        raise ValueError(f"key must be letters, digits, '_', '-' and '.' (got {key!r})")
+    shown = str(value) if text is None else text
+    if "\n" in shown:
+        raise ValueError("a recorded text must fit on one line")
+    print(f"[result] {key} = {shown}")
+    if recording():
+        data = load(path)
+        data["figures"][key] = {
+            "table": table,
+            "what": what,
+            "text": shown,
+            "value": value,
+            "source": source or _source_of(key),
+            "recorded": datetime.date.today().isoformat(),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    return shown
+
+
+def _source_of(key: str) -> str:
+    prefix = key.split(".", 1)[0]
+    if prefix == "bench":
+        return "bench"
+    found = sorted((ROOT / "notebooks").glob(f"{prefix}_*.ipynb"))
+    return found[0].stem if found else prefix
+
+
+def render(data: dict) -> str:
+    """The README's results block: one markdown table per table name, rows in key order."""
+    blocks = []
+    for table, (title, label) in TABLES.items():
+        rows = sorted((k, f) for k, f in data["figures"].items() if f["table"] == table)
+        if not rows:
+            continue
+        lines = [f"#### {title}", "", f"| {label} | measured | source |", "| --- | --- | --- |"]
+        for _key, f in rows:
+            cells = (f["what"], f["text"], f["source"])
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def readme_block(text: str) -> str:
+    """The generated part of the README, between its results markers."""
+    match = re.search(r"<!-- results -->\n(.*?)<!-- /results -->", text, re.S)
+    if not match:
+        raise ValueError("README.md has no <!-- results --> ... <!-- /results --> block")
+    return match.group(1).strip()
+
+
+def write_readme(data: dict | None = None, path: Path = README) -> bool:
+    """Regenerate the README's results block from the store; whether the file changed."""
+    text = path.read_text()
+    block = render(load() if data is None else data)
+    new = re.sub(
+        r"<!-- results -->\n.*?<!-- /results -->",
+        lambda _m: f"<!-- results -->\n{block}\n<!-- /results -->",
+        text,
+        flags=re.S,
+    )
+    if new != text:
+        path.write_text(new)
+    return new != text
+
+
+def notebook_results(path: Path) -> dict[str, str]:
+    """``key -> text`` of every ``[result]`` line in a notebook's stored outputs."""
+    found = {}
+    for cell in json.loads(path.read_text())["cells"]:
+        for output in cell.get("outputs", []):
+            text = output.get("text", "")
+            found.update(RESULT_LINE.findall("".join(text) if isinstance(text, list) else text))
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bnlab.teaching.results", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("command", choices=["readme", "show"])
+    args = parser.parse_args(argv)
+    if args.command == "readme":
+        changed = write_readme()
+        print(
+            "README.md results "
+            + ("regenerated from" if changed else "already match")
+            + f" {STORE.relative_to(ROOT)}"
+        )
+    else:
+        print(render(load()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
