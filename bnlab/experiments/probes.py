@@ -7,6 +7,8 @@ Each probe watches layers through :mod:`bnlab.nn.hooks` and leaves the model as 
 - :class:`ShiftMonitor`: per-layer, per-step channel means and stds during training, and the
   covariate-shift statistic built from them (Santurkar et al. 2018; notebooks 01, 08);
 - :func:`moments`: per-channel mean, std, skewness and kurtosis of activations (08);
+- :func:`signal_and_gradient`: pre-activation spread, saturation and per-layer gradient norms
+  of a deep net on one batch (05);
 - :func:`variance_shift`: each BN layer's test-time input variance over its running
   variance, the Dropout "variance shift" of Li et al. 2019 (06, 08).
 """
@@ -180,3 +182,32 @@ def subnormal_gradients(
     grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     tiny = torch.finfo(torch.float32).tiny
     return int(((grads != 0) & (grads.abs() < tiny)).sum())
+
+
+def signal_and_gradient(
+    model: nn.Module, x: Tensor, y: Tensor, kinds: hooks.Kinds = nn.Sigmoid, tail: float = 4.0
+) -> dict[str, list[float]]:
+    """Where a deep net's signal and gradient go, measured on one batch (notebook 05).
+
+    Runs one forward and cross-entropy backward of ``model`` on (x, y), in its current mode.
+    Returns, per nonlinearity of type ``kinds`` in forward order: "input std" (of its
+    pre-activations), "in tails" (fraction with |z| > ``tail``: a sigmoid's flat tails start
+    near 4, where its slope is below 0.018), "output std"; and per Conv2d/Linear weight in
+    forward order: "grad norm". The gradients stay in ``.grad``.
+    """
+    acts = hooks.layers(model, kinds)
+    if not acts:
+        raise ValueError(f"the model has no layer of type {kinds}")
+    with hooks.recording(acts, "input") as inputs, hooks.recording(acts, "output") as outputs:
+        loss = nn.functional.cross_entropy(model(x), y)
+    model.zero_grad()
+    loss.backward()
+    z = [inputs[name][-1] for name, _ in acts]
+    return {
+        "input std": [t.std().item() for t in z],
+        "in tails": [(t.abs() > tail).float().mean().item() for t in z],
+        "output std": [outputs[name][-1].std().item() for name, _ in acts],
+        "grad norm": [
+            m.weight.grad.norm().item() for _, m in hooks.layers(model, (nn.Conv2d, nn.Linear))
+        ],
+    }

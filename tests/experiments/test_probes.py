@@ -92,3 +92,18 @@ def test_subnormal_gradients_are_counted_and_flushing_removes_them():
     assert probes.subnormal_gradients(model, x, y, threads=1) > 0
     model.zero_grad()
     assert probes.subnormal_gradients(model, x, y, flush=True, threads=1) == 0
+
+
+def test_signal_and_gradient_sees_tails_and_per_layer_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Sigmoid(), nn.Linear(6, 3))
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    calm = probes.signal_and_gradient(model, x, y)
+    assert calm["in tails"] == [0.0] and len(calm["grad norm"]) == 2
+    assert 0 < calm["output std"][0] < calm["input std"][0]  # the sigmoid squeezes
+    with torch.no_grad():
+        model[0].weight.mul_(100)  # push the pre-activations into the flat tails
+    hot = probes.signal_and_gradient(model, x, y)
+    assert hot["in tails"][0] > 0.5
+    with pytest.raises(ValueError, match="no layer"):
+        probes.signal_and_gradient(nn.Linear(4, 3), x, y)
