@@ -109,10 +109,7 @@ _CONTENT_MD5 = {
 
 def search_dirs() -> list[Path]:
     """Directories searched for the raw ``.gz`` files, in order (see the module docstring)."""
-    roots = []
-    if os.environ.get(ENV_VAR):
-        roots.append(Path(os.environ[ENV_VAR]).expanduser())
-    roots.append(REPO_CACHE)
+    roots = [_cache_root()] + ([REPO_CACHE] if os.environ.get(ENV_VAR) else [])
     dirs = [d for root in roots for d in (root, root / "FashionMNIST" / "raw")]
     return dirs + [DEBIAN_DIR]
 
@@ -207,8 +204,12 @@ def download(dest: Path | None = None, timeout: float = DOWNLOAD_TIMEOUT) -> Pat
 
 def download_dir() -> Path:
     """Where a download goes: below ``$BNLAB_DATA_DIR`` when it is set, else the repo cache."""
-    root = Path(os.environ[ENV_VAR]).expanduser() if os.environ.get(ENV_VAR) else REPO_CACHE
-    return root / "FashionMNIST" / "raw"
+    return _cache_root() / "FashionMNIST" / "raw"
+
+
+def _cache_root() -> Path:
+    """``$BNLAB_DATA_DIR`` when it is set, else the repository's ``data/`` cache."""
+    return Path(os.environ[ENV_VAR]).expanduser() if os.environ.get(ENV_VAR) else REPO_CACHE
 
 
 def _make_writable_dir(dest: Path) -> None:

@@ -104,8 +104,19 @@ def batch_norm(
     None; weight, bias (C,) or None. Returns a tensor of x's shape.
     """
     F.validate_batch_norm_args(x, running_mean, running_var, weight, training, eps, bias)
+    return _batch_norm_validated(
+        x, running_mean, running_var, weight, bias, training, momentum, eps, backend
+    )
+
+
+def _batch_norm_validated(
+    x, running_mean, running_var, weight, bias, training, momentum, eps, backend
+) -> Tensor:
+    """:func:`batch_norm` after ``validate_batch_norm_args`` (the modules validate first)."""
     if x.numel() == 0:  # an empty batch: nothing for a kernel to do, and no statistics to update
-        return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        return F.batch_norm_validated(
+            x, running_mean, running_var, weight, bias, training, momentum, eps
+        )
     try:
         return KernelBatchNormFunction.apply(
             x, weight, bias, running_mean, running_var, training, momentum, eps, backend
@@ -133,7 +144,7 @@ class _KernelMixin:
         # and handed back channels_last, as torch's BatchNorm2d keeps the input's format.
         channels_last = x.dim() == 4 and not x.is_contiguous()
         channels_last = channels_last and x.is_contiguous(memory_format=torch.channels_last)
-        out = batch_norm(
+        out = _batch_norm_validated(
             x.contiguous(),
             running_mean,
             running_var,
@@ -142,7 +153,7 @@ class _KernelMixin:
             training,
             momentum,
             self.eps,
-            backend=self.backend,
+            self.backend,
         )
         return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 

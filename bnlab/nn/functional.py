@@ -445,6 +445,24 @@ def batch_norm(
     if x.dim() == 1 and x.numel() == 0 and all(t is None or t.numel() == 0 for t in vectors):
         return x.clone()  # torch accepts an empty 1-D input with empty statistics: nothing to do
     validate_batch_norm_args(x, running_mean, running_var, weight, training, eps, bias)
+    return batch_norm_validated(x, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def batch_norm_validated(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """:func:`batch_norm` for arguments that ``validate_batch_norm_args`` already accepted.
+
+    The modules validate a call before their counter moves, then come here: the checks run
+    once per forward, not twice.
+    """
     xs = accumulation_view(x)
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     if training and count == 0:

@@ -100,11 +100,10 @@ class _BatchNorm(nn.Module):
                 f"channels in dimension 1, got {x.shape[1]} in input of shape {tuple(x.shape)}; "
                 f"build it as {type(self).__name__}({x.shape[1]}) or check the layer before it"
             )
-        F.validate_floating(x)
 
     def forward(self, x: Tensor) -> Tensor:
         # Validate before num_batches_tracked is incremented, so a rejected input leaves
-        # the module as it was (the functional call checks again for direct callers).
+        # the module as it was; _normalize then computes without checking again.
         self._check_input_dim(x)
         F.validate_momentum(self.momentum)  # attributes can be changed after construction
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
@@ -134,7 +133,7 @@ class _BatchNorm(nn.Module):
 
     def _normalize(self, x, running_mean, running_var, training: bool, momentum: float) -> Tensor:
         """The one functional call; kernel-backed subclasses override only this."""
-        return F.batch_norm(
+        return F.batch_norm_validated(
             x, running_mean, running_var, self.weight, self.bias, training, momentum, self.eps
         )
 
