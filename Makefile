@@ -14,7 +14,7 @@ PORT ?= 8888
 DATA_ARGS ?=
 IS_ROOT := $(filter 0,$(shell id -u))
 
-.PHONY: setup lab test test-unit test-deep test-notebooks test-browser chromium notebooks bench readme \
+.PHONY: setup lab test test-unit test-deep test-notebooks test-browser chromium notebooks bench readme timings \
 	lint \
 	data clean
 
@@ -79,8 +79,10 @@ notebooks: data
 		echo "== $$nb"; start=$$(date +%s); \
 		BNLAB_FAST=0 BNLAB_RECORD=1 $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
 			--ExecutePreprocessor.timeout=1800 "$$nb" || exit 1; \
-		echo "   $$(( $$(date +%s) - start )) s"; \
+		secs=$$(( $$(date +%s) - start )); echo "   $$secs s"; \
+		$(PY) -m bnlab.teaching.results notebook-time "$$nb" $$secs; \
 	done
+	$(PY) -m bnlab.teaching.results prune $(NOTEBOOKS)
 	$(PY) -m bnlab.teaching.notebooks normalize $(NOTEBOOKS)
 	$(PY) -m bnlab.teaching.notebooks trust --all $(NOTEBOOKS)
 	$(PY) -m bnlab.teaching.results readme
@@ -94,9 +96,14 @@ bench: setup
 readme: setup
 	$(PY) -m bnlab.teaching.results readme
 
+# How long the README's commands take, run one after the other in a fresh clone of the
+# committed state (about 10 minutes); the README's timings block is generated from them.
+timings: setup
+	$(PY) -m bnlab.teaching.timings
+
 lint: setup
-	$(VENV)/bin/ruff check bnlab tests notebooks
-	$(VENV)/bin/ruff format --check bnlab tests
+	$(VENV)/bin/ruff check bnlab tests notebooks solutions
+	$(VENV)/bin/ruff format --check bnlab tests solutions
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -105,7 +105,7 @@ def test_tests_need_the_data_first():
         assert re.search(rf"^{target}: data\b", text, re.M), target
 
 
-PACKAGES = ("nn", "kernels", "experiments", "inference", "teaching", "bench")
+PACKAGES = ("nn", "kernels", "experiments", "inference", "teaching", "bench", "distributed")
 LEARNER_PATHS = {
     "bnlab.functional": "bnlab.nn.functional",
     "bnlab.modules": "bnlab.nn.modules",

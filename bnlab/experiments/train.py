@@ -230,16 +230,18 @@ def train_steps(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     progress: bool = True,
     desc: str = "steps",
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy,
 ) -> list[float]:
     """One :func:`train_step` per batch of ``batches``, in training mode; the loss of each step.
 
     batches: any iterable of (x, y): a loader, a list, or :class:`RandomBatches`. With
     ``progress`` a bar counts the steps (its total is known when ``batches`` has a length).
+    loss_fn: as in :func:`train_step` (e.g. ``nn.functional.mse_loss`` for a regression).
     """
     model.train()
     losses = []
     for x, y in ProgressBar(batches, desc=desc, disable=not progress):
-        losses.append(train_step(model, optimizer, x, y)[0].item())
+        losses.append(train_step(model, optimizer, x, y, loss_fn)[0].item())
     return losses
 
 

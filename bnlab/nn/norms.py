@@ -16,7 +16,10 @@ mode, so every norm here shares BN's forward and hand-written backward. The affi
 for LN, as in torch.nn. Only BN keeps running statistics; the others need none, because
 their statistics never involve other samples (Wu & He, "Group Normalization", 2018).
 
-Serves notebook 08.
+:func:`zca_whiten` is what BN is *not*: full whitening, which also removes the correlation
+between features (notebook 02 compares the two).
+
+Serves notebooks 02 and 08.
 """
 
 from __future__ import annotations
@@ -359,3 +362,23 @@ def shared_statistics(
     bumped = x.clone()
     bumped[tuple(index)] += 1.0
     return fn(bumped) != fn(x)
+
+
+def zca_whiten(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """ZCA whitening of (N, D) features: zero mean and covariance close to the identity.
+
+    Subtracts the batch mean and multiplies by Sigma^(-1/2) = U diag((lambda + eps)^(-1/2)) U^T
+    from the eigendecomposition of the biased covariance Sigma = U diag(lambda) U^T. Unlike
+    BN it mixes features: it needs the D x D covariance (O(N D^2)) and an eigendecomposition
+    (O(D^3)) per batch, and Sigma is singular when N <= D. Differentiable through
+    ``torch.linalg.eigh`` as long as the eigenvalues are distinct.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"zca_whiten expects (N, D) features (got shape {tuple(x.shape)})")
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0 (got {eps})")
+    centered = x - x.mean(dim=0)
+    cov = centered.T @ centered / x.shape[0]
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+    inverse_root = eigenvectors @ torch.diag((eigenvalues + eps).rsqrt()) @ eigenvectors.T
+    return centered @ inverse_root

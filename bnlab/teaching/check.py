@@ -182,33 +182,47 @@ def _max_diff(a: Tensor, b: Tensor) -> float:
     return (a.detach().to(torch.float64) - b.to(torch.float64)).abs().max().item()
 
 
-def _diagnose(got: Tensor, reference: Tensor, variants: dict[str, Tensor], what: str, tol: float):
+def _diagnose(
+    got: Tensor,
+    reference: Tensor,
+    variants: dict[str, Tensor],
+    what: str,
+    tol: float,
+    hints: dict[str, str] | None = None,
+    fallback: str = "check it step by step against bnlab.functional.batchnorm_forward",
+) -> CheckResult:
+    """Pass, the mistake variant ``got`` matches (its hint from ``hints``), or a failure.
+
+    A result of the wrong shape can still match a variant of that shape (wrong axes give
+    wrong shapes); shared with :mod:`bnlab.teaching.exercises`.
+    """
+    hints = _HINTS if hints is None else hints
+    same_shape = {n: v for n, v in variants.items() if tuple(v.shape) == tuple(got.shape)}
     if tuple(got.shape) != tuple(reference.shape):
-        return CheckResult(
-            False,
-            None,
-            f"{what} has shape {tuple(got.shape)}, expected {tuple(reference.shape)}",
-            float("inf"),
-        )
-    diff = _max_diff(got, reference)
-    if diff <= tol:
-        return CheckResult(True, None, f"{what} matches the reference", diff)
-    scores = {name: _max_diff(got, v) for name, v in variants.items()}
+        diff = float("inf")
+        message = f"{what} has shape {tuple(got.shape)}, expected {tuple(reference.shape)}"
+    else:
+        diff = _max_diff(got, reference)
+        if diff <= tol:
+            return CheckResult(True, None, f"{what} matches the reference", diff)
+        message = f"{what} differs from the reference and matches none of the typical mistakes"
+        message += f"; {fallback}"
+    scores = {name: _max_diff(got, v) for name, v in same_shape.items()}
     name = min(scores, key=scores.get) if scores else None
     if name is not None and scores[name] <= tol:
-        return CheckResult(False, name, f"{what} is wrong. Hint: {_HINTS[name]}", diff)
-    return CheckResult(
-        False,
-        None,
-        f"{what} differs from the reference and matches none of the typical mistakes; "
-        "check it step by step against bnlab.functional.batchnorm_forward",
-        diff,
-    )
+        return CheckResult(False, name, f"{what} is wrong. Hint: {hints[name]}", diff)
+    return CheckResult(False, None, message, diff)
 
 
 def _call(fn: Callable, *args):
+    """(fn(*args), None), or (None, a failed CheckResult) if the learner's code raised."""
     try:
         return fn(*args), None
+    except NotImplementedError:
+        name = getattr(fn, "__name__", "the function")
+        return None, CheckResult(
+            False, None, f"not attempted yet: {name} raises NotImplementedError", float("inf")
+        )
     except Exception as err:  # the learner's code: report any exception as a failure
         return None, CheckResult(False, None, f"raised {type(err).__name__}: {err}", float("inf"))
 

@@ -7,7 +7,9 @@ notebook's code cells may not
 
 - define a function or class, unless the definition *is* the lesson: a learner's attempt,
   a deliberately broken version, code quoted from elsewhere to be tested, a model built to
-  make a point. Those are listed in :data:`LESSON_DEFINITIONS` with the reason, and the
+  make a point. Those are listed in :data:`LESSON_DEFINITIONS` with the reason, or, under a
+  notebook's closing ``## Exercises`` heading, named ``learner_*`` (a worked wrong attempt
+  for a checker of :mod:`bnlab.teaching.exercises`) or ``my_*`` (the learner's stub); the
   markdown cell right above the code must name them (in backticks), so the reader is told;
 - call ``.step(`` (an optimizer step: training is ``bnlab.train``'s);
 - register forward hooks, or walk a model with ``.modules()``, ``.named_modules()`` or
@@ -37,6 +39,11 @@ LESSON_DEFINITIONS: dict[str, dict[str, str]] = {
         "d2l_batch_norm": "Dive into Deep Learning's code, quoted to measure its mode bug",
         "D2LBatchNorm2d": "d2l's layer around that code, quoted with it",
     },
+    "10_errata": {
+        "scratch_bn": "a post's from-scratch BN function, re-expressed to measure what it does",
+        "ScalarBN": "a post's BN class with scalar gamma and beta, re-expressed to measure it",
+        "post_fold": "a post's folding formula, re-expressed to test it against fold_bn",
+    },
     "07_fusion": {
         "Branchy": "a model written to be untraceable by torch.fx",
         "Shared": "a model whose conv module is called twice, which fx's fuse gets wrong",
@@ -46,6 +53,8 @@ LESSON_DEFINITIONS: dict[str, dict[str, str]] = {
 HOOKS = re.compile(r"\bregister_(?:full_backward|forward_pre|forward)_hook\b")
 WALKS = re.compile(r"\.(?:named_modules|modules|children|named_children)\(\)")
 STEP = re.compile(r"\.step\(")
+EXERCISE_HEADING = re.compile(r"^## Exercises", re.M)
+EXERCISE_NAME = re.compile(r"^(?:learner|my)_\w+$")
 
 
 def _python(source: str) -> str:
@@ -71,10 +80,21 @@ def _definitions(node: ast.AST):
             yield from _definitions(child)
 
 
+def _in_exercises(cells: list[dict], index: int) -> bool:
+    """Whether cell ``index`` comes after a markdown ``## Exercises`` heading."""
+    return any(
+        c["cell_type"] == "markdown" and EXERCISE_HEADING.search("".join(c["source"]))
+        for c in cells[:index]
+    )
+
+
 def _definition_problems(cells: list[dict], index: int, allowed: dict[str, str]) -> list[str]:
     tree = ast.parse(_python("".join(cells[index]["source"])))
     problems = []
+    exercise = _in_exercises(cells, index)
     for node in _definitions(tree):
+        if exercise and EXERCISE_NAME.match(node.name) and node.name not in allowed:
+            allowed = {**allowed, node.name: "a learner's attempt at an exercise"}
         if node.name not in allowed:
             problems.append(
                 f"cell {index} defines {node.name!r}: use bnlab's, or list it in "

@@ -40,8 +40,15 @@ RESULT_LINE = re.compile(r"^\[result\] (\S+) = (.*)$", re.M)
 TABLES = {  # README tables, in order: (title, column heading of the row labels)
     "results": ("Headline figures", "what"),
     "pitfalls": ("Pitfalls (notebook 06)", "pitfall: symptom measured, and after the fix"),
-    "claims": ("Claims (notebook 08)", "claim"),
+    "claims": ("Claims (notebook 08, and the new lessons' verdicts)", "claim"),
+    "errata": ("Errata of the five seed posts (notebook 10)", "what"),
+    "timings": ("How long things take", "step"),
 }
+BLOCKS = {  # README marker -> the tables generated between <!-- name --> and <!-- /name -->
+    "results": ("results", "pitfalls", "claims", "errata"),
+    "timings": ("timings",),
+}
+MEASURED_OUTSIDE_NOTEBOOKS = ("bench", "timings")  # sources that no notebook output shows
 
 
 def load(path: Path = STORE) -> dict:
@@ -77,18 +84,30 @@ def record(key: str, value, what: str, text: str | None = None, table: str = "re
         raise ValueError("a recorded text must fit on one line")
     print(f"[result] {key} = {shown}")
     if recording():
-        data = load(path)
-        data["figures"][key] = {
-            "table": table,
-            "what": what,
-            "text": shown,
-            "value": value,
-            "source": source or _source_of(key),
-            "recorded": datetime.date.today().isoformat(),
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+        write_figure(key, value, what, shown, table, source or _source_of(key), path)
     return shown
+
+
+def write_figure(key: str, value, what: str, text: str, table: str, source: str,
+                 path: Path = STORE) -> None:  # fmt: skip
+    """Add or replace one figure in the store (callers decide whether this run records)."""
+    data = load(path)
+    data["figures"][key] = {
+        "table": table,
+        "what": what,
+        "text": text,
+        "value": value,
+        "source": source,
+        "recorded": datetime.date.today().isoformat(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def duration(seconds: float) -> str:
+    """``95`` -> ``"1 min 35 s"``: how the README states a time."""
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
 
 
 def _source_of(key: str) -> str:
@@ -99,10 +118,11 @@ def _source_of(key: str) -> str:
     return found[0].stem if found else prefix
 
 
-def render(data: dict) -> str:
-    """The README's results block: one markdown table per table name, rows in key order."""
+def render(data: dict, block: str = "results") -> str:
+    """One README block (see :data:`BLOCKS`): a markdown table per table name, rows in key order."""
     blocks = []
-    for table, (title, label) in TABLES.items():
+    for table in BLOCKS[block]:
+        title, label = TABLES[table]
         rows = sorted((k, f) for k, f in data["figures"].items() if f["table"] == table)
         if not rows:
             continue
@@ -114,24 +134,28 @@ def render(data: dict) -> str:
     return "\n\n".join(blocks)
 
 
-def readme_block(text: str) -> str:
-    """The generated part of the README, between its results markers."""
-    match = re.search(r"<!-- results -->\n(.*?)<!-- /results -->", text, re.S)
+def readme_block(text: str, block: str = "results") -> str:
+    """A generated part of the README, between its ``<!-- block -->`` markers."""
+    match = re.search(rf"<!-- {block} -->\n(.*?)<!-- /{block} -->", text, re.S)
     if not match:
-        raise ValueError("README.md has no <!-- results --> ... <!-- /results --> block")
+        raise ValueError(f"README.md has no <!-- {block} --> ... <!-- /{block} --> block")
     return match.group(1).strip()
 
 
 def write_readme(data: dict | None = None, path: Path = README) -> bool:
-    """Regenerate the README's results block from the store; whether the file changed."""
-    text = path.read_text()
-    block = render(load() if data is None else data)
-    new = re.sub(
-        r"<!-- results -->\n.*?<!-- /results -->",
-        lambda _m: f"<!-- results -->\n{block}\n<!-- /results -->",
-        text,
-        flags=re.S,
-    )
+    """Regenerate the README's generated blocks from the store; whether the file changed."""
+    text = new = path.read_text()
+    data = load() if data is None else data
+    for block in BLOCKS:
+        if f"<!-- {block} -->" not in new:
+            continue
+        generated = render(data, block)
+        new = re.sub(
+            rf"<!-- {block} -->\n.*?<!-- /{block} -->",
+            lambda _m, b=block, g=generated: f"<!-- {b} -->\n{g}\n<!-- /{b} -->",
+            new,
+            flags=re.S,
+        )
     if new != text:
         path.write_text(new)
     return new != text
@@ -147,13 +171,40 @@ def notebook_results(path: Path) -> dict[str, str]:
     return found
 
 
+def prune(notebooks: list[Path], path: Path = STORE) -> list[str]:
+    """Drop the figures of these just-executed notebooks that their outputs no longer show."""
+    data = load(path)
+    stale = []
+    for notebook in notebooks:
+        shown = notebook_results(notebook)
+        stale += [
+            k for k, f in data["figures"].items() if f["source"] == notebook.stem and k not in shown
+        ]
+    for key in stale:
+        del data["figures"][key]
+    if stale:
+        path.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    return stale
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bnlab.teaching.results", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("command", choices=["readme", "show"])
+    parser.add_argument("command", choices=["readme", "show", "notebook-time", "prune"])
+    parser.add_argument(
+        "args", nargs="*", help="notebook-time: a notebook and its seconds; prune: notebooks"
+    )
     args = parser.parse_args(argv)
-    if args.command == "readme":
+    if args.command == "prune":
+        for key in prune([Path(a) for a in args.args]):
+            print(f"dropped {key}: its notebook no longer records it")
+    elif args.command == "notebook-time":
+        notebook, seconds = Path(args.args[0]), float(args.args[1])
+        what = f"`make notebooks`: {notebook.stem} in full mode"
+        key = f"timing.notebook.{notebook.stem}"
+        write_figure(key, seconds, what, duration(seconds), "timings", "timings")
+    elif args.command == "readme":
         changed = write_readme()
         print(
             "README.md results "

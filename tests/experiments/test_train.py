@@ -271,3 +271,12 @@ def test_accuracy_in_eval_mode_or_as_the_model_is():
     assert model[1].num_batches_tracked == 1  # it ran in training mode
     assert in_eval == train.evaluate(model.eval(), [(x, y)])[1]
     assert 0 <= as_is <= 1
+
+
+def test_train_steps_passes_its_loss_function_on():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(8, 3)
+    losses = train.train_steps(model, opt, [(x, x)], progress=False, loss_fn=nn.functional.mse_loss)
+    assert losses[0] == pytest.approx(nn.functional.mse_loss(model(x), x).item())

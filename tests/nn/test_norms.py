@@ -261,3 +261,22 @@ def test_LayerNorm_general_bad_shapes(norm_shape, input_shape):  # noqa: N802 (t
         nn.LayerNorm(norm_shape)(torch.rand(input_shape))
     with pytest.raises(RuntimeError, match="normalized_shape"):  # bnlab: ValueError too
         norms.LayerNorm(norm_shape)(torch.rand(input_shape))
+
+
+def test_zca_whiten_decorrelates_where_batch_norm_does_not():
+    gen = torch.Generator().manual_seed(0)
+    mixing = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.3, -0.5, 2.0]], dtype=torch.float64)
+    x = torch.randn(4096, 3, generator=gen, dtype=torch.float64) @ mixing.T + 5
+    white = norms.zca_whiten(x, eps=1e-12)
+    zeros, eye = torch.zeros(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64)
+    torch.testing.assert_close(white.mean(0), zeros, atol=1e-12, rtol=0)
+    torch.testing.assert_close(white.T @ white / len(x), eye, atol=1e-9, rtol=0)
+    standardized = norms.batch_norm_train(x, eps=1e-12)
+    assert torch.allclose(torch.corrcoef(standardized.T), torch.corrcoef(x.T), atol=1e-12)
+
+
+def test_zca_whiten_refuses_bad_input():
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        norms.zca_whiten(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="eps"):
+        norms.zca_whiten(torch.randn(8, 3), eps=0.0)

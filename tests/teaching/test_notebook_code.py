@@ -55,3 +55,15 @@ def test_a_lesson_definition_must_be_named_in_the_prose_above(monkeypatch):
     )
     assert "does not name `attempt`" in notebook_code.code_problems(silent, "99_x")[0]
     assert notebook_code.code_problems(told, "99_x") == []
+
+
+def test_exercise_attempts_and_stubs_need_no_listing_but_must_be_named():
+    stub = "def my_fn(x):\n    raise NotImplementedError"
+    told = _nb(("md", "## Exercises\n\nWrite `my_fn`:"), ("code", stub))
+    silent = _nb(("md", "## Exercises\n\nWrite it:"), ("code", stub))
+    outside = _nb(("md", "Write `my_fn`:"), ("code", stub))
+    other = _nb(("md", "## Exercises\n\n`helper`:"), ("code", "def helper(x):\n    return x"))
+    assert notebook_code.code_problems(told, "99_x") == []
+    assert "does not name `my_fn`" in notebook_code.code_problems(silent, "99_x")[0]
+    assert "'my_fn'" in notebook_code.code_problems(outside, "99_x")[0]
+    assert "'helper'" in notebook_code.code_problems(other, "99_x")[0]

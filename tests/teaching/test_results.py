@@ -66,9 +66,25 @@ def test_notebook_results_reads_result_lines(tmp_path):
 # ------------------------------------------------------------------ the course's own figures
 
 
-def test_readme_results_are_generated_from_the_store():
-    block = results.readme_block(results.README.read_text())
-    assert block == results.render(results.load()), "run `make readme`"
+@pytest.mark.parametrize("block", list(results.BLOCKS))
+def test_readme_blocks_are_generated_from_the_store(block):
+    generated = results.readme_block(results.README.read_text(), block)
+    assert generated == results.render(results.load(), block), "run `make readme`"
+
+
+def test_write_readme_fills_every_block(tmp_path):
+    data = {"schema": 1, "figures": {
+        "a": {"table": "results", "what": "first", "text": "1", "source": "05_lenet"},
+        "timing.1-x": {"table": "timings", "what": "make x", "text": "3 s", "source": "timings"},
+    }}  # fmt: skip
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "<!-- timings -->\nold\n<!-- /timings -->\n<!-- results -->\n<!-- /results -->\n"
+    )
+    assert results.write_readme(data, readme)
+    assert "| make x | 3 s | timings |" in results.readme_block(readme.read_text(), "timings")
+    assert "| first |" in results.readme_block(readme.read_text())
+    assert "make x" not in results.readme_block(readme.read_text())
 
 
 def test_store_and_notebook_outputs_agree_both_ways():
@@ -82,6 +98,6 @@ def test_store_and_notebook_outputs_agree_both_ways():
         assert key in store, f"{stem} shows {key}, which the store lacks: re-run make notebooks"
         assert store[key]["text"] == text and store[key]["source"] == stem, key
     for key, figure in store.items():
-        if figure["source"] != "bench":
+        if figure["source"] not in results.MEASURED_OUTSIDE_NOTEBOOKS:
             assert key in shown, f"the store has {key}, which no notebook output shows"
     assert any(f["source"] == "bench" for f in store.values()), "run make bench"

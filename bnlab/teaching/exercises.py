@@ -1,0 +1,1146 @@
+"""The end-of-notebook exercises' checkers: pass, or which typical mistake.
+
+Every course notebook ends with 2-4 exercises. Each checker here runs the learner's function
+on inputs built to tell the typical mistakes apart, compares the result with a reference and
+with *mistake variants* (the reference with one typical mistake built in), and returns a
+:class:`bnlab.teaching.check.CheckResult` whose ``mistake`` is one of this module's constants
+and whose message carries the hint. The comparison is :mod:`bnlab.teaching.check`'s own;
+notebook 03's exercises are its :func:`~bnlab.teaching.check.check_forward`,
+:func:`~bnlab.teaching.check.check_backward` and
+:func:`~bnlab.teaching.check.check_running_stats`. A function that still raises
+``NotImplementedError`` (the learner's stub) fails with "not attempted yet".
+
+:data:`EXERCISES` lists every notebook's exercises; :func:`check_all` runs a namespace (a
+solutions file, a notebook's globals) through them. The reference solutions are in
+``solutions/NN_topic.py``, which CI runs through these checkers (``tests/teaching``).
+
+Serves notebooks 01, 02, 03, 04, 05, 06, 07 and 08.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from bnlab.experiments.sweeps import t_quantile
+from bnlab.nn import functional as F
+from bnlab.nn.hooks import batchnorm_layers, layers, leaves
+from bnlab.nn.modules import is_batchnorm
+from bnlab.teaching import check
+from bnlab.teaching.check import CheckResult, _call, _diagnose, _forward_input
+
+# ---------------------------------------------------------------------------------
+# Mistake names, as reported in CheckResult.mistake
+# ---------------------------------------------------------------------------------
+
+# 01 concepts (and 02's identity_params), shared with notebook 03's checkers
+UNBIASED_VARIANCE = check.UNBIASED_VARIANCE
+AXES_PER_SAMPLE = check.AXES_PER_SAMPLE
+AXES_ALL = check.AXES_ALL
+AXES_BATCH_ONLY = check.AXES_BATCH_ONLY
+EPS_OUTSIDE_SQRT = check.EPS_OUTSIDE_SQRT
+EPS_MISSING = check.EPS_MISSING
+BATCH_STATS_IN_EVAL = "eval mode normalizes with the batch's statistics"
+AFFINE_MISSING = "gamma and beta not applied"
+# 02 math
+STATS_AS_CONSTANTS = check.STATS_AS_CONSTANTS
+MISSING_MEAN_PATH = check.MISSING_MEAN_PATH
+MISSING_VAR_PATH = check.MISSING_VAR_PATH
+GAMMA_IS_VAR = "gamma set to the variance instead of the standard deviation"
+GAMMA_IS_INVSTD = "gamma set to 1 / std: the normalization's factor, not its inverse"
+BETA_ZERO = "beta left at 0 instead of the mean"
+# 04 kernels
+MERGE_NO_CORRECTION = "merge adds M2a + M2b without the delta^2 * na * nb / n term"
+MERGE_UNWEIGHTED_MEAN = "merge averages the two means without weighting by the counts"
+MERGE_CORRECTION_NOT_DIVIDED = "merge's correction delta^2 * na * nb is not divided by n"
+WELFORD_NEW_MEAN_TWICE = "Welford's M2 update uses the new mean twice: (x - new_mean)^2"
+WELFORD_OLD_MEAN_TWICE = "Welford's M2 update uses the old mean twice: (x - old_mean)^2"
+TRAFFIC_ONE_READ = "traffic counts one read of x: the statistics need x before any output"
+TRAFFIC_UNFUSED = "traffic counts the unfused eager ops, not the minimum"
+TRAFFIC_ELEMENTS_NOT_BYTES = "traffic counted in elements, not bytes"
+# 05 LeNet
+Z_INSTEAD_OF_T = "z = 1.96 instead of Student's t quantile"
+POPULATION_STD = "population standard deviation (ddof=0) instead of the sample's (ddof=1)"
+DIVIDES_BY_N = "standard error divides by n instead of sqrt(n)"
+BN_MISSING = "a conv or hidden linear layer has no BatchNorm after it"
+BN_WRONG_RANK = "BatchNorm1d after a conv (or BatchNorm2d after a linear)"
+BN_WRONG_FEATURES = "BatchNorm's num_features is not the layer's output width"
+BN_AFTER_LAST_LINEAR = "BatchNorm after the last linear layer (on the logits)"
+BN_AFTER_ACTIVATION = "BatchNorm after the activation instead of before it"
+# 06 pitfalls
+PREDICT_TRAIN_MODE = "predict runs in train mode: the output depends on the batch"
+PREDICT_LEFT_IN_EVAL = "predict leaves a training model in eval mode"
+PREDICT_FORCED_TRAIN = "predict switches an eval model to train mode afterwards"
+KERAS_MOMENTUM_COPIED = "Keras' momentum copied as is: PyTorch's is 1 - Keras'"
+EPS_CHANGED = "epsilon changed: keep Keras' epsilon"
+RECAL_NO_RESET = "recalibration does not reset the running statistics first"
+RECAL_EXPONENTIAL = "recalibration keeps the exponential average (momentum 0.1)"
+RECAL_MODE_NOT_RESTORED = "recalibration leaves the model in train mode"
+RECAL_MOMENTUM_NOT_RESTORED = "recalibration leaves momentum=None in the BatchNorm layers"
+# 07 fusion
+FOLD_EPS_MISSING = "fold divides by sqrt(running_var) without eps"
+FOLD_VAR_NOT_STD = "fold divides by running_var + eps instead of its square root"
+FOLD_CONV_BIAS_DROPPED = "fold drops the conv's own bias"
+FOLD_BIAS_NOT_SCALED = "fold adds the conv's bias without scaling it"
+FOLD_BIAS_SCALED_TWICE = "fold scales the bias twice"
+SHIFT_MEAN_NOT_SCALED = "shift = beta - running_mean: the mean is not scaled"
+# 08 claims
+ZEROED_EVERY_GAMMA = "zeroed every BatchNorm's gamma, not only each block's last"
+ZEROED_BETA = "zeroed beta (the bias) instead of gamma (the weight)"
+ZEROED_FIRST_BN = "zeroed the first BatchNorm of each block instead of the last"
+ZEROED_DOWNSAMPLE_TOO = "zeroed the downsample (shortcut) BatchNorm too"
+GN_OVER_BATCH = "group norm's statistics pool the batch axis too"
+GN_INTERLEAVED_GROUPS = "channels grouped interleaved (c % groups), not contiguous"
+
+HINTS = {
+    **check._HINTS,
+    AXES_PER_SAMPLE: "BN reduces over the batch too: (0,) for (N, C), (0, 2, 3) for "
+    "(N, C, H, W); per-sample statistics are layer or instance norm",
+    BATCH_STATS_IN_EVAL: "in eval mode use running_mean and running_var, not x's statistics",
+    AFFINE_MISSING: "scale by gamma and shift by beta after normalizing",
+    GAMMA_IS_VAR: "BN divides by sqrt(var + eps); to undo it multiply by sqrt(var + eps)",
+    GAMMA_IS_INVSTD: "gamma must undo the division by sqrt(var + eps): gamma = sqrt(var + eps)",
+    BETA_ZERO: "BN subtracts the mean; beta = mean adds it back",
+    MERGE_NO_CORRECTION: "the two parts' deviations are from their own means: add "
+    "delta^2 * na * nb / n",
+    MERGE_UNWEIGHTED_MEAN: "weigh the means by the counts: mean = ma + delta * nb / n",
+    MERGE_CORRECTION_NOT_DIVIDED: "the correction is delta^2 * na * nb / n",
+    WELFORD_NEW_MEAN_TWICE: "M2 += (x - old_mean) * (x - new_mean)",
+    WELFORD_OLD_MEAN_TWICE: "M2 += (x - old_mean) * (x - new_mean)",
+    TRAFFIC_ONE_READ: "read x once for the statistics, once more to normalize, write y: 3 passes",
+    TRAFFIC_UNFUSED: "count the fused minimum: read x twice and write y once, 3 passes",
+    TRAFFIC_ELEMENTS_NOT_BYTES: "multiply the element count by itemsize",
+    Z_INSTEAD_OF_T: "for a few runs use Student's t quantile with n - 1 degrees of freedom",
+    POPULATION_STD: "estimate the standard deviation with ddof=1 (unbiased=True)",
+    DIVIDES_BY_N: "the standard error of the mean is std / sqrt(n)",
+    BN_MISSING: "put a BatchNorm after every conv and hidden linear layer",
+    BN_WRONG_RANK: "BatchNorm2d(channels) after a conv, BatchNorm1d(features) after a linear",
+    BN_WRONG_FEATURES: "num_features = the conv's out_channels or the linear's out_features",
+    BN_AFTER_LAST_LINEAR: "the last linear layer's outputs are the logits: no BatchNorm there",
+    BN_AFTER_ACTIVATION: "layer -> BatchNorm -> activation, as in Ioffe & Szegedy",
+    PREDICT_TRAIN_MODE: "call model.eval() before the forward",
+    PREDICT_LEFT_IN_EVAL: "remember model.training and call model.train(was_training) after",
+    PREDICT_FORCED_TRAIN: "restore the previous mode: model.train(was_training), not .train()",
+    KERAS_MOMENTUM_COPIED: "Keras' 0.99 weighs the old value: PyTorch's momentum = 1 - 0.99",
+    EPS_CHANGED: "epsilon means the same in both: keep Keras' value (its default is 1e-3)",
+    RECAL_NO_RESET: "call reset_running_stats() on every BatchNorm before the passes",
+    RECAL_EXPONENTIAL: "set momentum=None for a cumulative (equal-weight) average",
+    RECAL_MODE_NOT_RESTORED: "remember model.training and restore it afterwards",
+    RECAL_MOMENTUM_NOT_RESTORED: "put every BatchNorm's momentum back afterwards",
+    FOLD_EPS_MISSING: "scale = gamma / sqrt(running_var + eps)",
+    FOLD_VAR_NOT_STD: "scale = gamma / sqrt(running_var + eps): the root of the variance",
+    FOLD_CONV_BIAS_DROPPED: "bias = (conv_bias - running_mean) * scale + beta",
+    FOLD_BIAS_NOT_SCALED: "BN scales what the conv outputs, its bias too: (b - mean) * scale",
+    FOLD_BIAS_SCALED_TWICE: "scale the bias once: (b - running_mean) * scale + beta",
+    SHIFT_MEAN_NOT_SCALED: "y = scale * (x - mean) + beta, so shift = beta - mean * scale",
+    ZEROED_EVERY_GAMMA: "only the last BN of each residual block: bn2 (BasicBlock), "
+    "bn3 (Bottleneck)",
+    ZEROED_BETA: "zero the weight (gamma); beta is already 0 at initialization",
+    ZEROED_FIRST_BN: "the block's output is its last BN's: bn2 (BasicBlock), bn3 (Bottleneck)",
+    ZEROED_DOWNSAMPLE_TOO: "leave the shortcut alone: the block must start as the identity "
+    "(or its shortcut projection)",
+    GN_OVER_BATCH: "group norm is per sample: reduce over (channels of the group, H, W) only",
+    GN_INTERLEAVED_GROUPS: "groups are contiguous: x.view(N, groups, C // groups, H, W)",
+}
+
+_F64 = torch.float64
+_FALLBACK = "work through it step by step against the notebook's formula (solutions/ has one)"
+
+
+# ---------------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------------
+
+
+def _hint(mistake: str | None) -> str:
+    return f". Hint: {HINTS[mistake]}" if mistake else ""
+
+
+def _fail(message: str, mistake: str | None = None) -> CheckResult:
+    return CheckResult(False, mistake, message + _hint(mistake), float("inf"))
+
+
+@contextmanager
+def _seeded(seed: int):
+    """Seed torch's global generator inside, and leave the learner's state as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _tensor(value) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.detach().to(_F64)
+    return torch.as_tensor(value, dtype=_F64)
+
+
+def _results(got, n: int, what: str, flat: bool = False) -> tuple[Tensor | None, CheckResult]:
+    """A learner's n-tuple as one float64 tensor: stacked (same shapes) or ``flat``."""
+    if not isinstance(got, (tuple, list)) or len(got) != n:
+        return None, _fail(f"{what} must be a tuple of {n} values, got {type(got).__name__}")
+    try:
+        parts = [_tensor(v) for v in got]
+    except (TypeError, ValueError, RuntimeError) as err:
+        return None, _fail(f"{what} holds something that is not a number or tensor: {err}")
+    if flat:
+        return torch.cat([p.reshape(-1) for p in parts]), None
+    if len({tuple(p.shape) for p in parts}) != 1:
+        return None, _fail(f"the {n} values of {what} have different shapes")
+    return torch.stack(parts), None
+
+
+def _first_failure(results: list[CheckResult], message: str) -> CheckResult:
+    for result in results:
+        if not result.passed:
+            return result
+    return CheckResult(True, None, message, max(r.max_abs_diff for r in results))
+
+
+def _per_channel_vector(t: Tensor, c: int) -> Tensor:
+    """(1, C, 1, 1) or (C,) -> (C,): keepdim results are fine too."""
+    return t.reshape(c) if t.numel() == c else t
+
+
+# ---------------------------------------------------------------------------------
+# 01 concepts: batch statistics, eval-mode BN
+# ---------------------------------------------------------------------------------
+
+
+def _stats(x: Tensor, dims, unbiased: bool = False) -> Tensor:
+    return torch.stack([x.mean(dim=dims), x.var(dim=dims, unbiased=unbiased)])
+
+
+def _batch_stats_case(fn: Callable, ndim: int, tol: float) -> CheckResult:
+    x, *_ = _forward_input(ndim)
+    got, error = _call(fn, x.clone())
+    if error is not None:
+        return error
+    got, error = _results(got, 2, "(mean, var)")
+    if error is not None:
+        return error
+    got = torch.stack([_per_channel_vector(g, x.shape[1]) for g in got])
+    dims = F.reduce_dims(x)
+    variants = {
+        UNBIASED_VARIANCE: _stats(x, dims, unbiased=True),
+        AXES_ALL: _stats(x, tuple(range(x.dim()))),
+        AXES_PER_SAMPLE: _stats(x, tuple(range(2 if ndim == 4 else 1, x.dim()))),
+    }
+    if ndim == 4:
+        variants[AXES_BATCH_ONLY] = _stats(x, (0,))
+    what = f"(mean, var) of a {tuple(x.shape)} input"
+    return _diagnose(got, _stats(x, dims), variants, what, tol, HINTS, _FALLBACK)
+
+
+def check_batch_stats(fn: Callable, tol: float = 1e-6) -> CheckResult:
+    """Check ``fn(x) -> (mean, var)``: per-channel mean and biased variance, two (C,) tensors.
+
+    Runs an (N, C, H, W) input, then an (N, C) one (float64).
+    """
+    results = []
+    for ndim in (4, 2):
+        results.append(_batch_stats_case(fn, ndim, tol))
+        if not results[-1].passed:
+            return results[-1]
+    return _first_failure(results, "mean and var match the reference for 4-D and 2-D input")
+
+
+def _eval_input() -> tuple[Tensor, ...]:
+    x, gamma, beta, eps = _forward_input(4)
+    running_mean = torch.tensor([0.2, -1.0, 3.9], dtype=_F64)
+    running_var = torch.tensor([0.5, 4.0, 2e-4], dtype=_F64)  # 2e-4 ~ eps: eps placement shows
+    return x, running_mean, running_var, gamma, beta, eps
+
+
+def _eval_bn(x, mean, var, gamma, beta, eps, eps_outside=False, affine=True) -> Tensor:
+    std = var.sqrt() + eps if eps_outside else (var + eps).sqrt()
+    out = (x - F.per_channel(mean, x)) / F.per_channel(std, x)
+    return F.per_channel(gamma, x) * out + F.per_channel(beta, x) if affine else out
+
+
+def check_bn_eval(fn: Callable, tol: float = 1e-6) -> CheckResult:
+    """Check ``fn(x, running_mean, running_var, gamma, beta, eps) -> out``: eval-mode BN.
+
+    x is (N, C, H, W) float64; the running statistics differ from the batch's.
+    """
+    args = _eval_input()
+    got, error = _call(fn, *(a.clone() if isinstance(a, Tensor) else a for a in args))
+    if error is not None:
+        return error
+    if not isinstance(got, Tensor):
+        return _fail(f"returned {type(got).__name__}, expected a tensor")
+    x, mean, var, gamma, beta, eps = args
+    batch_mean, batch_var = F.batch_stats(x)
+    variants = {
+        BATCH_STATS_IN_EVAL: _eval_bn(x, batch_mean, batch_var, gamma, beta, eps),
+        EPS_OUTSIDE_SQRT: _eval_bn(*args, eps_outside=True),
+        AFFINE_MISSING: _eval_bn(*args, affine=False),
+    }
+    return _diagnose(got, _eval_bn(*args), variants, "eval-mode output", tol, HINTS, _FALLBACK)
+
+
+# ---------------------------------------------------------------------------------
+# 02 math: the input gradient, and the parameters that make BN the identity
+# ---------------------------------------------------------------------------------
+
+
+def check_bn_backward_dx(fn: Callable, ndim: int = 2, tol: float = 1e-6) -> CheckResult:
+    """Check ``fn(dout, x, gamma, eps) -> dx``, training-mode BN's input gradient.
+
+    ``ndim`` 2 tests (N, D) input (the derivation's layout), 4 tests (N, C, H, W).
+    """
+    if ndim not in (2, 4):
+        raise ValueError(f"ndim must be 2 or 4 (got {ndim!r})")
+    x, gamma, beta, eps = _forward_input(ndim)
+    dout = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=_F64)
+    got, error = _call(fn, dout.clone(), x.clone(), gamma.clone(), eps)
+    if error is not None:
+        return error
+    if not isinstance(got, Tensor):
+        return _fail(f"returned {type(got).__name__}, expected the tensor dx")
+    cache = F.batchnorm_forward(x, gamma, beta, eps)[1]
+    reference = F.batchnorm_backward_compact(dout, cache)[0]
+    variants = check._backward_variants(dout, cache)
+    return _diagnose(got, reference, variants, "dx", tol, HINTS, _FALLBACK)
+
+
+def check_identity_params(fn: Callable, tol: float = 1e-6) -> CheckResult:
+    """Check ``fn(x, eps) -> (gamma, beta)``: training-mode BN of x with them returns x.
+
+    x is (N, C, H, W) float64 with one channel of std 0.01, so forgetting eps shows.
+    """
+    x, _gamma, _beta, eps = _forward_input(4)
+    got, error = _call(fn, x.clone(), eps)
+    if error is not None:
+        return error
+    got, error = _results(got, 2, "(gamma, beta)")
+    if error is not None:
+        return error
+    got = torch.stack([_per_channel_vector(g, x.shape[1]) for g in got])
+    mean, var = F.batch_stats(x)
+    m = x.numel() // x.shape[1]
+    variants = {
+        GAMMA_IS_VAR: torch.stack([var, mean]),
+        GAMMA_IS_INVSTD: torch.stack([(var + eps).rsqrt(), mean]),
+        EPS_MISSING: torch.stack([var.sqrt(), mean]),
+        BETA_ZERO: torch.stack([(var + eps).sqrt(), torch.zeros_like(mean)]),
+        UNBIASED_VARIANCE: torch.stack([(var * m / (m - 1) + eps).sqrt(), mean]),
+    }
+    reference = torch.stack([(var + eps).sqrt(), mean])
+    return _diagnose(got, reference, variants, "(gamma, beta)", tol, HINTS, _FALLBACK)
+
+
+# ---------------------------------------------------------------------------------
+# 04 kernels: Chan's merge, Welford's update, memory traffic
+# ---------------------------------------------------------------------------------
+
+
+def _summary(values: list[float]) -> tuple[int, float, float]:
+    mean = sum(values) / len(values)
+    return len(values), mean, sum((v - mean) ** 2 for v in values)
+
+
+def _merged(a, b, variant: str | None = None) -> Tensor:
+    (na, ma, qa), (nb, mb, qb) = a, b
+    n, delta = na + nb, mb - ma
+    mean = (ma + mb) / 2 if variant == MERGE_UNWEIGHTED_MEAN else ma + delta * nb / n
+    correction = {MERGE_NO_CORRECTION: 0.0, MERGE_CORRECTION_NOT_DIVIDED: delta**2 * na * nb}
+    m2 = qa + qb + correction.get(variant, delta**2 * na * nb / n)
+    return torch.tensor([n, mean, m2], dtype=_F64)
+
+
+def check_merge(fn: Callable, tol: float = 1e-6) -> CheckResult:
+    """Check ``fn(a, b) -> (count, mean, M2)``, Chan's merge of two (count, mean, M2).
+
+    The parts have 3 and 7 values with different means (Python floats in, numbers or
+    0-d tensors out); ``tol`` is relative, so float32 results pass.
+    """
+    a = _summary([1.0, 2.5, 4.0])
+    b = _summary([6.0, 7.5, 5.0, 9.0, 8.0, 6.5, 7.0])
+    got, error = _call(fn, a, b)
+    if error is not None:
+        return error
+    got, error = _results(got, 3, "(count, mean, M2)", flat=True)
+    if error is not None:
+        return error
+    scale = _merged(a, b).abs()  # so that tol is relative
+    variants = {
+        v: _merged(a, b, v) / scale
+        for v in (MERGE_NO_CORRECTION, MERGE_UNWEIGHTED_MEAN, MERGE_CORRECTION_NOT_DIVIDED)
+    }
+    what = "(count, mean, M2) / reference"
+    return _diagnose(got / scale, _merged(a, b) / scale, variants, what, tol, HINTS, _FALLBACK)
+
+
+def _welford_step(state, x: float, variant: str | None = None) -> tuple[int, float, float]:
+    n, mean, m2 = state
+    n += 1
+    new_mean = mean + (x - mean) / n
+    if variant == WELFORD_NEW_MEAN_TWICE:
+        return n, new_mean, m2 + (x - new_mean) ** 2
+    if variant == WELFORD_OLD_MEAN_TWICE:
+        return n, new_mean, m2 + (x - mean) ** 2
+    return n, new_mean, m2 + (x - mean) * (x - new_mean)
+
+
+_WELFORD_VALUES = (2.0, 4.0, 4.5, 7.0, 1.0)
+
+
+def _welford_run(variant: str | None = None) -> Tensor:
+    """Each state after a step from (0, 0, 0) over _WELFORD_VALUES, then one from (4, 1, 2.5)."""
+    states, state = [], (0, 0.0, 0.0)
+    for x in _WELFORD_VALUES:
+        state = _welford_step(state, x, variant)
+        states.append(state)
+    states.append(_welford_step((4, 1.0, 2.5), 6.0, variant))
+    return torch.tensor(states, dtype=_F64)
+
+
+def _welford_call(fn: Callable, state, x: float):
+    got, error = _call(fn, state, x)
+    if error is not None:
+        return None, error
+    return _results(got, 3, "the new (count, mean, M2)", flat=True)
+
+
+def check_welford_update(fn: Callable, tol: float = 1e-6) -> CheckResult:
+    """Check ``fn(state, x) -> new state``, one Welford step on (count, mean, M2).
+
+    Runs five values from (0, 0.0, 0.0), then one step from (4, 1.0, 2.5) with x = 6.0.
+    """
+    rows, state = [], (0, 0.0, 0.0)
+    for x in _WELFORD_VALUES:
+        got, error = _welford_call(fn, state, x)
+        if error is not None:
+            return error
+        rows.append(got)
+        state = (int(got[0]), got[1].item(), got[2].item())
+    got, error = _welford_call(fn, (4, 1.0, 2.5), 6.0)
+    if error is not None:
+        return error
+    rows.append(got)
+    scale = _welford_run().abs().clamp(min=1.0)  # so that tol is relative
+    variants = {
+        v: _welford_run(v) / scale for v in (WELFORD_NEW_MEAN_TWICE, WELFORD_OLD_MEAN_TWICE)
+    }
+    got, reference = torch.stack(rows) / scale, _welford_run() / scale
+    return _diagnose(got, reference, variants, "states / reference", tol, HINTS, _FALLBACK)
+
+
+def _traffic_diagnosis(got: float, numel: int, itemsize: int) -> str | None:
+    if got == 3 * numel:
+        return TRAFFIC_ELEMENTS_NOT_BYTES
+    passes = got / (numel * itemsize)
+    if passes == 2:
+        return TRAFFIC_ONE_READ
+    if passes in (5, 6, 7, 8, 9):
+        return TRAFFIC_UNFUSED
+    return None
+
+
+def check_train_forward_bytes(fn: Callable) -> CheckResult:
+    """Check ``fn(shape, itemsize) -> bytes``: a training forward's minimum memory traffic.
+
+    The minimum for x larger than on-chip memory: read x for the statistics, read it again
+    to normalize, write y; the (C,) parameters and statistics are accepted on top.
+    """
+    results = []
+    for shape, itemsize in (((64, 32, 28, 28), 4), ((128, 256), 2)):
+        got, error = _call(fn, shape, itemsize)
+        if error is not None:
+            return error
+        if not isinstance(got, (int, float)) or isinstance(got, bool):
+            return _fail(f"returned {type(got).__name__}, expected a number of bytes")
+        numel, channels = math.prod(shape), shape[1]
+        diff = abs(got - 3 * numel * itemsize)
+        if diff <= 8 * channels * itemsize:
+            results.append(CheckResult(True, None, "", float(diff)))
+            continue
+        mistake = _traffic_diagnosis(got, numel, itemsize)
+        what = f"bytes for {shape} x {itemsize} B: {got}, expected 3 passes"
+        return CheckResult(False, mistake, what + _hint(mistake), float(diff))
+    return _first_failure(results, "the byte counts match 3 passes over x")
+
+
+# ---------------------------------------------------------------------------------
+# 05 LeNet: a t interval, BN in LeNet
+# ---------------------------------------------------------------------------------
+
+
+def _interval(values: Tensor, confidence: float, variant: str | None = None) -> Tensor:
+    n = values.numel()
+    std = values.std(unbiased=variant != POPULATION_STD)
+    p = 0.5 + confidence / 2
+    normal = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(p, dtype=_F64)).item()
+    q = normal if variant == Z_INSTEAD_OF_T else t_quantile(p, n - 1)
+    se = std / (n if variant == DIVIDES_BY_N else math.sqrt(n))
+    return torch.stack([values.mean(), q * se])
+
+
+_INTERVAL_CASES = (
+    (torch.tensor([88.1, 89.4, 87.6, 88.9, 90.2], dtype=_F64), None),
+    (torch.tensor([0.91, 0.89, 0.93, 0.90, 0.88, 0.92, 0.94, 0.90, 0.91, 0.89]).double(), 0.9),
+)
+
+
+def _interval_case(fn: Callable, values: Tensor, confidence: float | None, tol: float):
+    args = (values.clone(),) if confidence is None else (values.clone(), confidence)
+    got, error = _call(fn, *args)
+    if error is not None:
+        return error
+    got, error = _results(got, 2, "(mean, half_width)", flat=True)
+    if error is not None:
+        return error
+    confidence = 0.95 if confidence is None else confidence
+    scale = _interval(values, confidence)[1]  # so that tol is relative to the half-width
+    variants = {
+        v: _interval(values, confidence, v) / scale
+        for v in (Z_INSTEAD_OF_T, POPULATION_STD, DIVIDES_BY_N)
+    }
+    what = f"(mean, half_width) / half_width for {values.numel()} values at {confidence}"
+    reference = _interval(values, confidence) / scale
+    return _diagnose(got / scale, reference, variants, what, tol, HINTS, _FALLBACK)
+
+
+def check_t_interval(fn: Callable, tol: float = 1e-4) -> CheckResult:
+    """Check ``fn(values, confidence=0.95) -> (mean, half_width)``, a t interval of the mean.
+
+    Runs 5 accuracies at the default confidence, then 10 at ``confidence=0.9``; ``tol`` is
+    relative to the half-width (a 4-digit t table passes).
+    """
+    results = []
+    for values, confidence in _INTERVAL_CASES:
+        results.append(_interval_case(fn, values, confidence, tol))
+        if not results[-1].passed:
+            return results[-1]
+    return _first_failure(results, "mean and half-width match Student's t interval")
+
+
+def _is_activation(module: nn.Module) -> bool:
+    return type(module).__module__ == "torch.nn.modules.activation"
+
+
+def _bn_rank(module: nn.Module) -> int:
+    return 2 if type(module).__name__.endswith("2d") else 1
+
+
+def _block_mistake(leaf: list[nn.Module], i: int, last: bool) -> str | None:
+    """The mistake after weighted layer ``leaf[i]``, or None if BN follows it correctly."""
+    layer = leaf[i]
+    after = leaf[i + 1 : i + 3]
+    if last:
+        return BN_AFTER_LAST_LINEAR if after and is_batchnorm(after[0]) else None
+    if not after or not is_batchnorm(after[0]):
+        nxt = len(after) == 2 and _is_activation(after[0]) and is_batchnorm(after[1])
+        return BN_AFTER_ACTIVATION if nxt else BN_MISSING
+    bn = after[0]
+    if _bn_rank(bn) != (2 if isinstance(layer, nn.Conv2d) else 1):
+        return BN_WRONG_RANK
+    width = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+    return BN_WRONG_FEATURES if bn.num_features != width else None
+
+
+def check_lenet_bn(build: Callable | nn.Module) -> CheckResult:
+    """Check LeNet with BN: ``build() -> model`` (or the model), for (N, 1, 28, 28) input.
+
+    A BatchNorm of the right rank and width must follow every conv and hidden linear
+    layer, before the activation; none after the last linear layer; 10 logits out.
+    """
+    model = build
+    if not isinstance(build, nn.Module):
+        with torch.random.fork_rng(devices=[]):  # the notebook's random stream stays as it was
+            model, error = _call(build)
+        if error is not None:
+            return error
+    if not isinstance(model, nn.Module):
+        return _fail(f"returned {type(model).__name__}, expected an nn.Module")
+    leaf = [m for _name, m in leaves(model)]
+    weighted = [i for i, m in enumerate(leaf) if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if not weighted or not isinstance(leaf[weighted[-1]], nn.Linear):
+        return _fail("expected conv layers and linear layers, a linear one last")
+    for i in weighted:
+        mistake = _block_mistake(leaf, i, last=i == weighted[-1])
+        if mistake is not None:
+            return _fail(f"layer {i} ({type(leaf[i]).__name__}) is wrong", mistake)
+    model = copy.deepcopy(model).train()
+    with torch.no_grad():
+        out, error = _call(model, torch.randn(4, 1, 28, 28, generator=torch.Generator()))
+    if error is not None:
+        return error
+    if tuple(out.shape) != (4, 10):
+        return _fail(f"output shape {tuple(out.shape)} for 4 images, expected (4, 10)")
+    return CheckResult(True, None, f"BN follows all {len(weighted) - 1} hidden layers", 0.0)
+
+
+# ---------------------------------------------------------------------------------
+# 06 pitfalls: predict in eval mode, Keras' conventions, recalibration
+# ---------------------------------------------------------------------------------
+
+
+def _small_model(seed: int = 0) -> nn.Sequential:
+    """Linear -> BN -> ReLU -> Linear -> BN, float64, with running stats far from a batch's."""
+    with _seeded(seed):
+        model = nn.Sequential(
+            nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 5), nn.BatchNorm1d(5)
+        ).double()
+    with torch.no_grad():
+        for _name, bn in batchnorm_layers(model):
+            bn.running_mean.fill_(2.0)
+            bn.running_var.fill_(5.0)
+            bn.num_batches_tracked.fill_(50)
+    return model
+
+
+def _batch(seed: int, n: int = 8) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=g, dtype=_F64) * 1.5 + 0.7
+
+
+def _forward(model: nn.Module, x: Tensor, train: bool) -> Tensor:
+    model = copy.deepcopy(model).train(train)
+    with torch.no_grad():
+        return model(x)
+
+
+def _predict_mode_after(fn: Callable, training: bool) -> CheckResult | None:
+    model = _small_model().train(training)
+    _, error = _call(fn, model, _batch(1))
+    if error is not None:
+        return error
+    if model.training == training:
+        return None
+    mistake = PREDICT_LEFT_IN_EVAL if training else PREDICT_FORCED_TRAIN
+    return _fail(f"the model was in {'train' if training else 'eval'} mode before", mistake)
+
+
+def check_predict(fn: Callable, tol: float = 1e-6) -> CheckResult:
+    """Check ``fn(model, x) -> logits``: eval-mode output, the model's mode restored after.
+
+    The model (float64, BN with running statistics far from the batch's) is in train mode.
+    """
+    model, x = _small_model().train(), _batch(1)
+    got, error = _call(fn, model, x.clone())
+    if error is not None:
+        return error
+    if not isinstance(got, Tensor):
+        return _fail(f"returned {type(got).__name__}, expected a tensor of logits")
+    reference = _forward(_small_model(), x, train=False)
+    variants = {PREDICT_TRAIN_MODE: _forward(_small_model(), x, train=True)}
+    result = _diagnose(got, reference, variants, "logits", tol, HINTS, _FALLBACK)
+    if not result.passed:
+        return result
+    for training in (True, False):
+        problem = _predict_mode_after(fn, training)
+        if problem is not None:
+            return problem
+    return CheckResult(True, None, "eval-mode logits, and the model's mode is restored", 0.0)
+
+
+def check_keras_to_torch(fn: Callable, tol: float = 1e-12) -> CheckResult:
+    """Check ``fn(momentum, epsilon) -> (torch_momentum, torch_eps)`` for Keras' BN arguments.
+
+    Runs Keras' defaults (0.99, 1e-3), then (0.9, 1e-2).
+    """
+    cases = ((0.99, 1e-3), (0.9, 1e-2))
+    rows = []
+    for momentum, epsilon in cases:
+        got, error = _call(fn, momentum, epsilon)
+        if error is not None:
+            return error
+        got, error = _results(got, 2, "(torch_momentum, torch_eps)", flat=True)
+        if error is not None:
+            return error
+        rows.append(got)
+    reference = torch.tensor([[1 - m, e] for m, e in cases], dtype=_F64)
+    variants = {
+        KERAS_MOMENTUM_COPIED: torch.tensor([[m, e] for m, e in cases], dtype=_F64),
+        EPS_CHANGED: torch.tensor([[1 - m, 1e-5] for m, e in cases], dtype=_F64),
+    }
+    what = "(torch_momentum, torch_eps)"
+    return _diagnose(torch.stack(rows), reference, variants, what, tol, HINTS, _FALLBACK)
+
+
+def _running_stats(model: nn.Module) -> Tensor:
+    return torch.cat(
+        [torch.cat([bn.running_mean, bn.running_var]) for _n, bn in batchnorm_layers(model)]
+    ).to(_F64)
+
+
+def _recalibrated(batches: list[Tensor], reset: bool = True, momentum=None) -> Tensor:
+    model = _small_model().train()
+    for _name, bn in batchnorm_layers(model):
+        if reset:
+            bn.reset_running_stats()
+        bn.momentum = momentum
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    return _running_stats(model)
+
+
+def _pooled(batches: list[Tensor]) -> Tensor:
+    """Precise BN (bnlab.recalibrate): pooled statistics, also a right answer."""
+    from bnlab.inference.recalibrate import recalibrate_bn
+
+    model = _small_model()
+    recalibrate_bn(model, batches)
+    return _running_stats(model)
+
+
+def _recal_state_mistake(model: nn.Module) -> str | None:
+    if model.training:
+        return RECAL_MODE_NOT_RESTORED
+    if any(bn.momentum != 0.1 for _n, bn in batchnorm_layers(model)):
+        return RECAL_MOMENTUM_NOT_RESTORED
+    return None
+
+
+def check_recalibrate(fn: Callable, tol: float = 1e-6) -> CheckResult:
+    """Check ``fn(model, batches)``: re-estimates every BN's running statistics in place.
+
+    The model (float64, eval mode, momentum 0.1, stale statistics and 50 batches tracked)
+    sees 3 batches of 8; the equal-weight average of the batches' statistics (momentum=None)
+    and the pooled statistics of precise BN are both right. Mode and momentum must be
+    restored.
+    """
+    model, batches = _small_model().eval(), [_batch(s) for s in (2, 3, 4)]
+    _, error = _call(fn, model, [b.clone() for b in batches])
+    if error is not None:
+        return error
+    got = _running_stats(model)
+    reference = _recalibrated(batches)
+    pooled = _pooled(batches)
+    if got.shape == pooled.shape and check._max_diff(got, pooled) <= tol:
+        reference = pooled
+    variants = {
+        RECAL_NO_RESET: _recalibrated(batches, reset=False),
+        RECAL_EXPONENTIAL: _recalibrated(batches, momentum=0.1),
+    }
+    result = _diagnose(got, reference, variants, "running statistics", tol, HINTS, _FALLBACK)
+    if not result.passed:
+        return result
+    mistake = _recal_state_mistake(model)
+    if mistake is not None:
+        return _fail("the statistics are right, but the model is not as it was", mistake)
+    return result
+
+
+# ---------------------------------------------------------------------------------
+# 07 fusion: folding BN into the conv before it
+# ---------------------------------------------------------------------------------
+
+
+def _conv_bn(bias: bool) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+    with _seeded(7):
+        conv = nn.Conv2d(3, 4, 3, bias=bias).double()
+    bn = nn.BatchNorm2d(4, eps=1e-3).double().eval()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.5, 0.5, -2.0, 1.0]))
+        bn.bias.copy_(torch.tensor([0.1, -0.3, 0.2, 0.5]))
+        bn.running_mean.copy_(torch.tensor([0.4, -1.0, 2.0, 0.3]))
+        bn.running_var.copy_(torch.tensor([0.5, 4.0, 2e-4, 1.7]))  # 2e-4 ~ eps shows eps
+        if bias:
+            conv.bias.copy_(torch.tensor([0.8, -0.6, 1.2, 0.9]))
+    return conv, bn
+
+
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, variant: str | None = None) -> Tensor:
+    var, eps = bn.running_var.detach(), bn.eps
+    std = {FOLD_EPS_MISSING: var.sqrt(), FOLD_VAR_NOT_STD: var + eps}.get(variant)
+    scale = bn.weight.detach() / ((var + eps).sqrt() if std is None else std)
+    b = torch.zeros_like(scale) if conv.bias is None else conv.bias.detach()
+    b = torch.zeros_like(b) if variant == FOLD_CONV_BIAS_DROPPED else b
+    mean, beta = bn.running_mean.detach(), bn.bias.detach()
+    bias = {
+        FOLD_BIAS_NOT_SCALED: b - mean * scale + beta,
+        FOLD_BIAS_SCALED_TWICE: (b - mean) * scale * scale + beta,
+    }.get(variant, (b - mean) * scale + beta)
+    weight = conv.weight.detach() * scale.reshape(-1, 1, 1, 1)
+    return torch.cat([weight.reshape(-1), bias])
+
+
+def _scale_shift(bn: nn.BatchNorm2d, variant: str | None = None) -> Tensor:
+    var, eps = bn.running_var.detach(), bn.eps
+    std = {FOLD_EPS_MISSING: var.sqrt(), FOLD_VAR_NOT_STD: var + eps}.get(variant)
+    scale = bn.weight.detach() / ((var + eps).sqrt() if std is None else std)
+    mean = bn.running_mean.detach() * (1.0 if variant == SHIFT_MEAN_NOT_SCALED else scale)
+    return torch.stack([scale, bn.bias.detach() - mean])
+
+
+def check_scale_shift(fn: Callable, tol: float = 1e-6) -> CheckResult:
+    """Check ``fn(bn) -> (scale, shift)``: eval-mode BN as ``y = scale * x + shift``.
+
+    bn is an eval-mode float64 BatchNorm2d(4) with eps 1e-3 and one running_var of 2e-4.
+    """
+    _conv, bn = _conv_bn(bias=False)
+    got, error = _call(fn, copy.deepcopy(bn))
+    if error is not None:
+        return error
+    got, error = _results(got, 2, "(scale, shift)")
+    if error is not None:
+        return error
+    variants = {
+        v: _scale_shift(bn, v) for v in (FOLD_EPS_MISSING, FOLD_VAR_NOT_STD, SHIFT_MEAN_NOT_SCALED)
+    }
+    return _diagnose(got, _scale_shift(bn), variants, "(scale, shift)", tol, HINTS, _FALLBACK)
+
+
+_FOLD_MISTAKES = (
+    FOLD_EPS_MISSING,
+    FOLD_VAR_NOT_STD,
+    FOLD_CONV_BIAS_DROPPED,
+    FOLD_BIAS_NOT_SCALED,
+    FOLD_BIAS_SCALED_TWICE,
+)
+
+
+def _fold_case(fn: Callable, bias: bool, tol: float) -> CheckResult:
+    conv, bn = _conv_bn(bias)
+    got, error = _call(fn, copy.deepcopy(conv), copy.deepcopy(bn))
+    if error is not None:
+        return error
+    if not (isinstance(got, (tuple, list)) and len(got) == 2 and got[1] is not None):
+        return _fail("must return (weight, bias), a bias even when the conv has none")
+    shapes = [tuple(torch.as_tensor(g).shape) for g in got]
+    if shapes != [tuple(conv.weight.shape), (conv.out_channels,)]:
+        return _fail(f"(weight, bias) have shapes {shapes}, expected {tuple(conv.weight.shape)}")
+    got, _ = _results(got, 2, "(weight, bias)", flat=True)
+    variants = {v: _folded(conv, bn, v) for v in _FOLD_MISTAKES}
+    what = f"folded (weight, bias) of a conv {'with' if bias else 'without'} bias"
+    return _diagnose(got, _folded(conv, bn), variants, what, tol, HINTS, _FALLBACK)
+
+
+def check_fold(fn: Callable, tol: float = 1e-6) -> CheckResult:
+    """Check ``fn(conv, bn) -> (weight, bias)``: the conv equal to conv then eval-mode bn.
+
+    Runs a float64 Conv2d(3, 4, 3) with a bias, then one without (bias=None: the folded
+    conv still needs one); BN's eps is 1e-3 and one channel's running_var 2e-4.
+    """
+    results = [_fold_case(fn, bias, tol) for bias in (True, False)]
+    return _first_failure(results, "folded weight and bias match, with and without conv bias")
+
+
+# ---------------------------------------------------------------------------------
+# 08 claims: zero-init of the last BN's gamma in residual blocks, group norm
+# ---------------------------------------------------------------------------------
+
+
+def _resnets() -> list[nn.Module]:
+    """resnet18 (BasicBlock) and a slim Bottleneck ResNet, every BN's gamma and beta random."""
+    from torchvision.models import resnet
+
+    with _seeded(8):
+        models = [
+            resnet.resnet18(weights=None, num_classes=10),
+            resnet.ResNet(resnet.Bottleneck, [1, 1, 1, 1], num_classes=10, width_per_group=16),
+        ]
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for model in models:
+            for _name, bn in batchnorm_layers(model):
+                bn.weight.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+                bn.bias.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+    return models
+
+
+def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from torchvision.models import resnet
+
+    return layers(model, (resnet.BasicBlock, resnet.Bottleneck))
+
+
+def _zeroed(model: nn.Module, variant: str | None = None) -> Tensor:
+    """Every BN's (gamma, beta), as they should be after zero-init (or with one mistake)."""
+    weights, biases = set(), set()
+    for name, block in _blocks(model):
+        last = f"{name}.bn3" if hasattr(block, "bn3") else f"{name}.bn2"
+        (biases if variant == ZEROED_BETA else weights).add(
+            f"{name}.bn1" if variant == ZEROED_FIRST_BN else last
+        )
+        if variant == ZEROED_DOWNSAMPLE_TOO and block.downsample is not None:
+            weights.add(f"{name}.downsample.1")
+    parts = []
+    for name, bn in batchnorm_layers(model):
+        zero_w = name in weights or variant == ZEROED_EVERY_GAMMA
+        parts.append(torch.zeros_like(bn.weight) if zero_w else bn.weight.detach())
+        parts.append(torch.zeros_like(bn.bias) if name in biases else bn.bias.detach())
+    return torch.cat(parts).to(_F64)
+
+
+_ZERO_MISTAKES = (ZEROED_EVERY_GAMMA, ZEROED_BETA, ZEROED_FIRST_BN, ZEROED_DOWNSAMPLE_TOO)
+
+
+def check_zero_init_last_gamma(fn: Callable) -> CheckResult:
+    """Check ``fn(model)``: zero the gamma of each residual block's last BN, in place.
+
+    Runs torchvision's resnet18 (BasicBlock: bn2) and a slim Bottleneck ResNet (bn3), all
+    BN parameters made nonzero first; what ``zero_init_residual=True`` does at construction.
+    """
+    results = []
+    for model in _resnets():
+        reference = _zeroed(model)
+        variants = {v: _zeroed(model, v) for v in _ZERO_MISTAKES}
+        returned, error = _call(fn, model)
+        if error is not None:
+            return error
+        model = returned if isinstance(returned, nn.Module) else model
+        got = torch.cat([torch.cat([bn.weight, bn.bias]) for _n, bn in batchnorm_layers(model)])
+        results.append(
+            _diagnose(got.detach(), reference, variants, "BN parameters", 0.0, HINTS, _FALLBACK)
+        )
+    return _first_failure(results, "exactly each residual block's last gamma is zero")
+
+
+def _group_input() -> Tensor:
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(4, 6, 3, 3, generator=g, dtype=_F64)
+    shift = torch.tensor([0.5, -2.0, 4.0, 1.0, -0.5, 3.0], dtype=_F64)
+    scale = torch.tensor([1.0, 3.0, 0.5, 2.0, 0.7, 1.5], dtype=_F64)
+    x = x * F.per_channel(scale, x) + F.per_channel(shift, x)
+    return x + torch.arange(4, dtype=_F64).reshape(-1, 1, 1, 1)  # samples differ
+
+
+def _group_norm(x: Tensor, groups: int, eps: float, variant: str | None = None) -> Tensor:
+    n, c = x.shape[:2]
+    if variant == GN_INTERLEAVED_GROUPS:
+        xg = x.reshape(n, c // groups, groups, -1).transpose(1, 2).reshape(n, groups, -1)
+    else:
+        xg = x.reshape(n, groups, -1)
+    dims = (0, 2) if variant == GN_OVER_BATCH else (2,)
+    mean = xg.mean(dim=dims, keepdim=True)
+    var = xg.var(dim=dims, keepdim=True, unbiased=variant == UNBIASED_VARIANCE)
+    out = (xg - mean) / (var + eps).sqrt()
+    if variant == GN_INTERLEAVED_GROUPS:
+        return out.reshape(n, groups, c // groups, -1).transpose(1, 2).reshape(x.shape)
+    return out.reshape(x.shape)
+
+
+def check_group_norm(fn: Callable, tol: float = 1e-6) -> CheckResult:
+    """Check ``fn(x, groups, eps) -> out``: group norm without affine parameters.
+
+    x is (4, 6, 3, 3) float64 with 3 groups; channels and samples have different means.
+    The reference is ``torch.nn.functional.group_norm``.
+    """
+    x, groups, eps = _group_input(), 3, 1e-5
+    got, error = _call(fn, x.clone(), groups, eps)
+    if error is not None:
+        return error
+    if not isinstance(got, Tensor):
+        return _fail(f"returned {type(got).__name__}, expected a tensor")
+    reference = torch.nn.functional.group_norm(x, groups, eps=eps)
+    variants = {
+        v: _group_norm(x, groups, eps, v)
+        for v in (GN_OVER_BATCH, GN_INTERLEAVED_GROUPS, UNBIASED_VARIANCE)
+    }
+    return _diagnose(got, reference, variants, "group norm output", tol, HINTS, _FALLBACK)
+
+
+# ---------------------------------------------------------------------------------
+# Every notebook's exercises
+# ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """An exercise: the function the learner writes, its checker, and keyword arguments
+    that name other functions of the same namespace (03's backward needs its forward)."""
+
+    function: str
+    checker: Callable[..., CheckResult]
+    uses: dict[str, str] = field(default_factory=dict)
+
+    def run(self, namespace: dict) -> CheckResult:
+        """Check ``namespace[self.function]``."""
+        kwargs = {key: namespace[name] for key, name in self.uses.items()}
+        return self.checker(namespace[self.function], **kwargs)
+
+
+EXERCISES: dict[str, list[Exercise]] = {
+    "01_concepts": [Exercise("batch_stats", check_batch_stats), Exercise("bn_eval", check_bn_eval)],
+    "02_math": [
+        Exercise("bn_backward_dx", check_bn_backward_dx),
+        Exercise("identity_params", check_identity_params),
+    ],
+    "03_scratch": [
+        Exercise("bn_forward", check.check_forward),
+        Exercise("bn_backward", check.check_backward, {"forward": "bn_forward"}),
+        Exercise("running_stats_step", check.check_running_stats),
+    ],
+    "04_numba_kernels": [
+        Exercise("merge", check_merge),
+        Exercise("welford_update", check_welford_update),
+        Exercise("train_forward_bytes", check_train_forward_bytes),
+    ],
+    "05_lenet": [
+        Exercise("t_interval", check_t_interval),
+        Exercise("lenet_with_bn", check_lenet_bn),
+    ],
+    "06_pitfalls": [
+        Exercise("predict", check_predict),
+        Exercise("keras_to_torch", check_keras_to_torch),
+        Exercise("recalibrate", check_recalibrate),
+    ],
+    "07_fusion": [Exercise("scale_shift", check_scale_shift), Exercise("fold", check_fold)],
+    "08_claims": [
+        Exercise("zero_init_last_gamma", check_zero_init_last_gamma),
+        Exercise("group_norm", check_group_norm),
+    ],
+}
+
+
+def check_all(namespace: dict, notebook: str) -> dict[str, CheckResult]:
+    """Run every exercise of ``notebook`` (e.g. "05_lenet") on the functions in ``namespace``."""
+    return {ex.function: ex.run(namespace) for ex in EXERCISES[notebook]}
+
+
+# ---------------------------------------------------------------------------------
+# 09 distributed: merging the replicas' statistics, ghost BN
+# ---------------------------------------------------------------------------------
+
+REPLICA_UNWEIGHTED_MEAN = "global mean as the plain average of the replicas' means"
+REPLICA_NO_BETWEEN_TERM = "global variance without the between-replica term (mean_r - mean)^2"
+REPLICA_AVERAGED_STATS = "the replicas' means and variances simply averaged"
+REPLICA_UNBIASED_RESULT = "global variance divided by N - 1: BN normalizes with the biased one"
+REPLICA_VARS_TAKEN_AS_UNBIASED = "replica variances taken as unbiased: M2_r = (n_r - 1) * var_r"
+GHOST_WHOLE_BATCH = "normalized with the whole batch's statistics, not each virtual batch's"
+GHOST_INTERLEAVED = "virtual batches taken interleaved (x[i::k]), not as contiguous chunks"
+
+HINTS.update(
+    {
+        REPLICA_UNWEIGHTED_MEAN: "weigh each replica's mean by its count: sum(n_r * mean_r) / N",
+        REPLICA_NO_BETWEEN_TERM: "each replica's variance is around its own mean: add "
+        "sum(n_r * (mean_r - mean)^2) / N",
+        REPLICA_AVERAGED_STATS: "replicas differ in size and in mean: weigh by counts and add "
+        "the between-replica term",
+        REPLICA_UNBIASED_RESULT: "return the biased variance (divide by N), the one BN uses",
+        REPLICA_VARS_TAKEN_AS_UNBIASED: "the replicas report BN's biased variances: "
+        "M2_r = n_r * var_r",
+        GHOST_WHOLE_BATCH: "split x along N into chunks of virtual_batch_size first "
+        "(x.split(virtual_batch_size)) and normalize each chunk with its own statistics",
+        GHOST_INTERLEAVED: "virtual batches are contiguous: x.split(virtual_batch_size), "
+        "the last one may be smaller",
+    }
+)
+
+#: (count, mean (C,), biased var (C,)) of three replicas of different sizes and means
+_REPLICAS = (
+    (2, (0.5, -1.0, 3.0), (0.25, 4.0, 1.0)),
+    (5, (1.5, 2.0, 3.5), (1.0, 0.5, 2.0)),
+    (9, (-0.5, 0.0, 6.0), (2.0, 1.5, 0.1)),
+)
+
+
+def _replica_stats() -> list[tuple[int, Tensor, Tensor]]:
+    return [(n, torch.tensor(m, dtype=_F64), torch.tensor(v, dtype=_F64)) for n, m, v in _REPLICAS]
+
+
+def _merged_replicas(stats, variant: str | None = None) -> Tensor:
+    counts = torch.tensor([float(n) for n, _, _ in stats], dtype=_F64).reshape(-1, 1)
+    means = torch.stack([m for _, m, _ in stats])
+    variances = torch.stack([v for _, _, v in stats])
+    total = counts.sum()
+    mean = (counts * means).sum(0) / total
+    if variant in (REPLICA_UNWEIGHTED_MEAN, REPLICA_AVERAGED_STATS):
+        mean = means.mean(0)
+    if variant == REPLICA_AVERAGED_STATS:
+        return torch.stack([mean, variances.mean(0)])
+    within = counts * variances
+    if variant == REPLICA_VARS_TAKEN_AS_UNBIASED:
+        within = (counts - 1) * variances
+    between = counts * (means - mean) ** 2
+    if variant == REPLICA_NO_BETWEEN_TERM:
+        between = torch.zeros_like(between)
+    divisor = total - 1 if variant == REPLICA_UNBIASED_RESULT else total
+    return torch.stack([mean, (within + between).sum(0) / divisor])
+
+
+def check_merge_replica_stats(fn: Callable, tol: float = 1e-6) -> CheckResult:
+    """Check ``fn(stats) -> (mean, var)``: the global batch's per-channel mean and biased
+    variance from each replica's ``(count, mean, var)`` (var biased, as BN computes it).
+
+    Three replicas of 2, 5 and 9 examples, 3 channels, float64 tensors; what SyncBatchNorm's
+    forward computes from the gathered statistics.
+    """
+    stats = _replica_stats()
+    got, error = _call(fn, [(n, m.clone(), v.clone()) for n, m, v in stats])
+    if error is not None:
+        return error
+    got, error = _results(got, 2, "(mean, var)")
+    if error is not None:
+        return error
+    variants = {
+        v: _merged_replicas(stats, v)
+        for v in (
+            REPLICA_UNWEIGHTED_MEAN,
+            REPLICA_NO_BETWEEN_TERM,
+            REPLICA_AVERAGED_STATS,
+            REPLICA_UNBIASED_RESULT,
+            REPLICA_VARS_TAKEN_AS_UNBIASED,
+        )
+    }
+    reference = _merged_replicas(stats)
+    return _diagnose(got, reference, variants, "(mean, var)", tol, HINTS, _FALLBACK)
+
+
+def _ghost_input() -> Tensor:
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(10, 3, 2, 2, generator=g, dtype=_F64)
+    return x * 2 + torch.arange(10, dtype=_F64).reshape(-1, 1, 1, 1)  # the batch drifts along N
+
+
+def _ghost_bn(x: Tensor, size: int, eps: float, variant: str | None = None) -> Tensor:
+    if variant == GHOST_WHOLE_BATCH:
+        chunks = [torch.arange(len(x))]
+    elif variant == GHOST_INTERLEAVED:
+        k = -(-len(x) // size)
+        chunks = [torch.arange(i, len(x), k) for i in range(k)]
+    else:
+        chunks = list(torch.arange(len(x)).split(size))
+    out = torch.empty_like(x)
+    for idx in chunks:
+        part = x[idx]
+        dims = F.reduce_dims(part)
+        mean = part.mean(dim=dims, keepdim=True)
+        var = part.var(dim=dims, keepdim=True, unbiased=variant == UNBIASED_VARIANCE)
+        out[idx] = (part - mean) / (var + eps).sqrt()
+    return out
+
+
+def check_ghost_bn(fn: Callable, tol: float = 1e-6) -> CheckResult:
+    """Check ``fn(x, virtual_batch_size, eps) -> out``: ghost BN's training forward without
+    gamma and beta (Hoffer et al. 2017).
+
+    x is (10, 3, 2, 2) float64 whose mean drifts along the batch; virtual batches of 4, so
+    the chunks are 4, 4 and 2 examples. The reference is ``torch.nn.functional.batch_norm``
+    on each chunk.
+    """
+    x, size, eps = _ghost_input(), 4, 1e-5
+    got, error = _call(fn, x.clone(), size, eps)
+    if error is not None:
+        return error
+    if not isinstance(got, Tensor):
+        return _fail(f"returned {type(got).__name__}, expected a tensor")
+    reference = torch.cat(
+        [
+            torch.nn.functional.batch_norm(c, None, None, training=True, eps=eps)
+            for c in x.split(size)
+        ]
+    )
+    variants = {
+        v: _ghost_bn(x, size, eps, v)
+        for v in (GHOST_WHOLE_BATCH, GHOST_INTERLEAVED, UNBIASED_VARIANCE)
+    }
+    return _diagnose(
+        got.detach().to(_F64), reference, variants, "ghost BN output", tol, HINTS, _FALLBACK
+    )
+
+
+EXERCISES["09_distributed"] = [
+    Exercise("merge_replica_stats", check_merge_replica_stats),
+    Exercise("ghost_bn", check_ghost_bn),
+]

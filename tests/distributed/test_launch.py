@@ -1,0 +1,57 @@
+"""bnlab.distributed.launch: values come back by rank; a failure or a timeout kills every child."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from bnlab.distributed import launch
+
+psutil = pytest.importorskip("psutil")
+
+
+def _gone(pids: list[int]) -> bool:
+    """Every pid dead and reaped (or reused by a process that is not our child)."""
+    mine = {p.pid for p in psutil.Process().children(recursive=True)}
+    return all(not psutil.pid_exists(pid) or pid not in mine for pid in pids)
+
+
+def test_run_returns_each_ranks_value_in_rank_order():
+    found = launch.run(2, launch.rank_and_size, timeout=60)
+    assert [(rank, size) for rank, size, _pid in found] == [(0, 2), (1, 2)]
+    pids = [pid for *_, pid in found]
+    assert len(set(pids)) == 2 and os.getpid() not in pids
+    assert _gone(pids)
+
+
+def test_a_failing_rank_kills_the_group_and_its_traceback_comes_back():
+    start = time.monotonic()
+    with pytest.raises(launch.WorkerError, match="rank 1 fails on purpose") as info:
+        launch.run(2, "bnlab.distributed.launch:fail_on", 1, timeout=60)
+    assert info.value.rank == 1
+    assert "Traceback" in info.value.details and "fail_on" in info.value.details
+    assert len(info.value.pids) == 2 and _gone(info.value.pids)
+    assert time.monotonic() - start < 45  # not the collective's 60 s timeout
+
+
+def test_a_timeout_kills_the_group():
+    start = time.monotonic()
+    with pytest.raises(launch.GroupTimeout, match="did not finish within 3") as info:
+        launch.run(2, launch.sleep, 60, timeout=3)
+    assert time.monotonic() - start < 20
+    assert _gone(info.value.pids)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [lambda: 0, "tests.helpers:images", "bnlab.distributed.launch:no_such_worker", os.getpid],
+)
+def test_functions_a_child_cannot_import_by_name_are_refused_before_spawning(fn):
+    with pytest.raises((ValueError, AttributeError)):
+        launch.run(2, fn, timeout=5)
+
+
+def test_free_port_is_a_port():
+    assert 0 < launch.free_port() < 65536
