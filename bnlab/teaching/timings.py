@@ -33,6 +33,7 @@ STEPS = {  # make target -> the README row's label
     "test-browser": "`make test-browser` (JupyterLab in headless Chromium)",
     "bench": "`make bench`",
 }
+OUTER_MAKE = ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")
 PASSED = re.compile(r"(\d+) passed")
 SIZE_GROUPS = {"torch": ["torch"], "CUDA libraries": ["nvidia"], "triton": ["triton"]}
 
@@ -69,10 +70,11 @@ def _gb(n: int) -> str:
 
 def run_step(clone: Path, target: str) -> tuple[float, str]:
     """Seconds and combined output of ``make <target>`` in the clone; raises if it fails."""
+    # a fresh shell's environment: no CI flag, and none of an outer make's variables (under
+    # `make timings` they would make the inner make print "Entering directory" lines)
+    env = {k: v for k, v in os.environ.items() if k not in OUTER_MAKE} | {"CI": ""}
     start = time.perf_counter()
-    done = subprocess.run(
-        ["make", target], cwd=clone, capture_output=True, text=True, env={**os.environ, "CI": ""}
-    )
+    done = subprocess.run(["make", target], cwd=clone, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
     output = done.stdout + done.stderr
     if done.returncode != 0:

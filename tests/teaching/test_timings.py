@@ -39,7 +39,8 @@ def test_venv_sizes_groups_the_big_packages(tmp_path):
     assert sizes == {"total": 657, "torch": 300, "CUDA libraries": 300, "triton": 50}
 
 
-def test_run_step_raises_with_the_output_when_make_fails(tmp_path):
+def test_run_step_raises_with_the_output_when_make_fails(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAKELEVEL", "1")  # as under `make timings`: the step must not inherit it
     (tmp_path / "Makefile").write_text("boom:\n\t@echo about to fail; exit 3\n")
     with pytest.raises(RuntimeError, match="about to fail"):
         timings.run_step(tmp_path, "boom")
