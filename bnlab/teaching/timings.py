@@ -106,13 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bnlab-timings-") as tmp:
         clone = Path(tmp) / "bnlab"
         subprocess.run(["git", "clone", "-q", str(results.ROOT), str(clone)], check=True)
+        measured = {}  # written only when every step has passed, so the store stays whole
         for target in args.steps:
             print(f"make {target} ...", flush=True)
             seconds, output = run_step(clone, target)
             text = describe(target, seconds, output, clone)
             print(f"  {text}", flush=True)
-            key = f"timing.{list(STEPS).index(target)}-{target}"
-            results.write_figure(key, round(seconds), STEPS[target], text, "timings", "timings")
+            measured[f"timing.{list(STEPS).index(target)}-{target}"] = (seconds, target, text)
+    for key, (seconds, target, text) in measured.items():
+        results.write_figure(key, round(seconds), STEPS[target], text, "timings", "timings")
     about = f"measured from a fresh clone on {machine()}"
     results.write_figure("timing.0-machine", machine(), "machine", about, "timings", "timings")
     results.write_readme()
