@@ -42,7 +42,7 @@ from torch.autograd.function import once_differentiable
 from bnlab.nn import functional as F
 from bnlab.nn.hooks import replace_modules
 from bnlab.nn.merge import merge_moments
-from bnlab.nn.modules import _BatchNorm, is_batchnorm
+from bnlab.nn.modules import _BatchNorm, check_input_dim, is_batchnorm
 
 #: dtypes by the code the header carries (-1: anything else, e.g. an integer input)
 DTYPE_CODES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -256,17 +256,10 @@ class SyncBatchNorm(_BatchNorm):
         )
         self.process_group = process_group
 
+    expected_dims = ()  # any rank from 2 up, as torch's SyncBatchNorm
+
     def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(
-                f"expected at least 2D input (got {x.dim()}D input of shape {tuple(x.shape)}); "
-                "SyncBatchNorm takes (N, C, *)"
-            )
-        if x.shape[1] != self.num_features:
-            raise ValueError(
-                f"SyncBatchNorm({self.num_features}) expected {self.num_features} channels in "
-                f"dimension 1, got {x.shape[1]} in input of shape {tuple(x.shape)}"
-            )
+        check_input_dim(self, x, "SyncBatchNorm takes (N, C, *)")
 
     def _local_problem(self, x: Tensor) -> str | None:
         """What this rank's own checks reject about ``x`` (batch size aside), or None."""

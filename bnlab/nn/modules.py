@@ -20,6 +20,28 @@ from torch import Tensor, nn
 from bnlab.nn import functional as F
 
 
+def check_input_dim(module: nn.Module, x: Tensor, layouts: str) -> None:
+    """Refuse an input of the wrong rank or channel count for a BN-like module, naming both.
+
+    ``module.expected_dims`` lists the ranks it takes (empty: any rank from 2 up);
+    ``layouts`` tells the reader which class takes which shape. Shared by the BatchNorm,
+    Batch Renorm and SyncBatchNorm modules.
+    """
+    name, dims = type(module).__name__, module.expected_dims
+    if (x.dim() not in dims) if dims else x.dim() < 2:
+        want = " or ".join(f"{d}D" for d in dims) if dims else "at least 2D"
+        raise ValueError(
+            f"{name} expected {want} input (got {x.dim()}D input of shape {tuple(x.shape)}); "
+            f"{layouts}"
+        )
+    if x.shape[1] != module.num_features:
+        raise ValueError(
+            f"{name}({module.num_features}) expected {module.num_features} channels in "
+            f"dimension 1, got {x.shape[1]} in input of shape {tuple(x.shape)}; "
+            f"build it as {name}({x.shape[1]}) or check the layer before it"
+        )
+
+
 class _BatchNorm(nn.Module):
     """Parameters, buffers and the train/eval logic; subclasses only check the rank."""
 
@@ -87,19 +109,10 @@ class _BatchNorm(nn.Module):
                 nn.init.zeros_(self.bias)
 
     def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() not in self.expected_dims:
-            want = " or ".join(f"{d}D" for d in self.expected_dims)
-            raise ValueError(
-                f"{type(self).__name__} expected {want} input (got {x.dim()}D input of shape "
-                f"{tuple(x.shape)}); BatchNorm1d takes (N, C) or (N, C, L), BatchNorm2d "
-                "(N, C, H, W), BatchNorm3d (N, C, D, H, W)"
-            )
-        if x.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}({self.num_features}) expected {self.num_features} "
-                f"channels in dimension 1, got {x.shape[1]} in input of shape {tuple(x.shape)}; "
-                f"build it as {type(self).__name__}({x.shape[1]}) or check the layer before it"
-            )
+        check_input_dim(
+            self, x, "BatchNorm1d takes (N, C) or (N, C, L), BatchNorm2d (N, C, H, W), "
+            "BatchNorm3d (N, C, D, H, W)",
+        )  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
         # Validate before num_batches_tracked is incremented, so a rejected input leaves

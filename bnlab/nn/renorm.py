@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from bnlab.nn import functional as F
 from bnlab.nn.hooks import layers
+from bnlab.nn.modules import check_input_dim
 
 
 def _validate_at_least(name: str, value: float, minimum: float) -> None:
@@ -87,18 +88,9 @@ class _BatchRenorm(nn.Module):
 
     def _check_input(self, x: Tensor) -> None:
         name = type(self).__name__
-        if x.dim() not in self.expected_dims:
-            want = " or ".join(f"{d}D" for d in self.expected_dims)
-            raise ValueError(
-                f"{name} expected {want} input (got {x.dim()}D input of shape "
-                f"{tuple(x.shape)}); BatchRenorm1d takes (N, C) or (N, C, L), "
-                "BatchRenorm2d (N, C, H, W)"
-            )
-        if x.shape[1] != self.num_features:
-            raise ValueError(
-                f"{name}({self.num_features}) expected {self.num_features} channels in "
-                f"dimension 1, got {x.shape[1]} in input of shape {tuple(x.shape)}"
-            )
+        check_input_dim(
+            self, x, "BatchRenorm1d takes (N, C) or (N, C, L), BatchRenorm2d (N, C, H, W)"
+        )
         F.validate_floating(x)
         if self.training and x.numel() == 0:
             raise ValueError(

@@ -212,19 +212,26 @@ def _per_channel_vector(t: Tensor, c: int) -> Tensor:
 # ---------------------------------------------------------------------------------
 
 
+def _per_channel_pair(fn: Callable, args: tuple, what: str, channels: int):
+    """Call ``fn(*args)``, expect two per-channel vectors back; (stacked (2, C), None) or
+    (None, the failing CheckResult)."""
+    got, error = _call(fn, *args)
+    if error is None:
+        got, error = _results(got, 2, what)
+    if error is not None:
+        return None, error
+    return torch.stack([_per_channel_vector(g, channels) for g in got]), None
+
+
 def _stats(x: Tensor, dims, unbiased: bool = False) -> Tensor:
     return torch.stack([x.mean(dim=dims), x.var(dim=dims, unbiased=unbiased)])
 
 
 def _batch_stats_case(fn: Callable, ndim: int, tol: float) -> CheckResult:
     x, *_ = _forward_input(ndim)
-    got, error = _call(fn, x.clone())
+    got, error = _per_channel_pair(fn, (x.clone(),), "(mean, var)", x.shape[1])
     if error is not None:
         return error
-    got, error = _results(got, 2, "(mean, var)")
-    if error is not None:
-        return error
-    got = torch.stack([_per_channel_vector(g, x.shape[1]) for g in got])
     dims = F.reduce_dims(x)
     variants = {
         UNBIASED_VARIANCE: _stats(x, dims, unbiased=True),
@@ -315,13 +322,17 @@ def check_identity_params(fn: Callable, tol: float = 1e-6) -> CheckResult:
     x is (N, C, H, W) float64 with one channel of std 0.01, so forgetting eps shows.
     """
     x, _gamma, _beta, eps = _forward_input(4)
-    got, error = _call(fn, x.clone(), eps)
+    got, error = _per_channel_pair(
+        fn,
+        (
+            x.clone(),
+            eps,
+        ),
+        "(gamma, beta)",
+        x.shape[1],
+    )
     if error is not None:
         return error
-    got, error = _results(got, 2, "(gamma, beta)")
-    if error is not None:
-        return error
-    got = torch.stack([_per_channel_vector(g, x.shape[1]) for g in got])
     mean, var = F.batch_stats(x)
     m = x.numel() // x.shape[1]
     variants = {
