@@ -14,7 +14,7 @@ PORT ?= 8888
 DATA_ARGS ?=
 IS_ROOT := $(filter 0,$(shell id -u))
 
-.PHONY: setup lab test test-unit test-deep test-notebooks test-browser chromium notebooks bench readme timings \
+.PHONY: setup lab test test-unit test-deep test-notebooks test-browser chromium notebooks bench bench-gpu readme timings \
 	lint \
 	data clean
 
@@ -88,10 +88,16 @@ notebooks: data
 	$(PY) -m bnlab.teaching.results readme
 
 # The full runs (make notebooks, make bench) write results/results.json; the README's
-# results tables are generated from it.
+# results tables are generated from it. BENCH_JSON=path also writes every case as JSON.
 bench: setup
-	BNLAB_RECORD=1 $(PY) -m bnlab.bench
+	BNLAB_RECORD=1 $(PY) -m bnlab.bench $(if $(BENCH_JSON),--json $(BENCH_JSON))
 	$(PY) -m bnlab.teaching.results readme
+
+# The Numba CUDA kernels against torch/cuDNN on a CUDA GPU: checked, then timed (under 5
+# minutes on an H100); writes build/bench-gpu.json, or BENCH_JSON=path. Without a GPU it
+# says so and measures nothing.
+bench-gpu: setup
+	$(PY) -m bnlab.bench.gpu $(if $(BENCH_JSON),--json $(BENCH_JSON))
 
 readme: setup
 	$(PY) -m bnlab.teaching.results readme

@@ -1,148 +1,35 @@
-"""``python -m bnlab.bench``: Batch Normalization speed, measured side by side in one run.
+"""``python -m bnlab.bench`` (``make bench``): BatchNorm speed and memory, side by side.
 
-Each section is a function returning rows (dicts); :func:`main` prints them as tables.
-Effective bandwidth counts full-tensor passes as PyTorch's own normalization benchmark
-does: 3 for a training forward (read x for the statistics, read x, write y) and 7 for
-forward + backward. It is compared with this machine's copy bandwidth, measured on a
-tensor larger than the caches (a copy reads and writes: 2 passes).
+- the CPU kernel cases (:mod:`bnlab.bench.cpu`): torch, bnlab's kernel and its scratch
+  version, every mode, median and IQR, ratios to torch, bandwidth on shapes 4x the cache,
+  once with the default allocator and once with freed memory kept mapped ("warm");
+- peak memory per implementation, each in a fresh process (:mod:`bnlab.bench.memory`);
+- BN folding in context (:mod:`bnlab.bench.folding`);
+- the GPU has its own script, ``make bench-gpu`` (:mod:`bnlab.bench.gpu`).
 
-Serves notebook 04 (`make bench`).
+``--json PATH`` (``make bench BENCH_JSON=path``) writes every case; a full run puts the
+headline figures in the results store, from which the README's tables are generated.
+
+Serves notebooks 04 and 07 (``make bench``).
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from functools import partial
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
-import torch.nn.functional as TF
 
-from bnlab.bench.timing import median_times
-from bnlab.nn import functional as F
+from bnlab.bench import cpu
 
-CPU_SHAPES = [(32, 64, 56, 56), (256, 64, 28, 28), (1024, 512)]
-GPU_SHAPES = [(32, 64, 56, 56), (256, 64, 28, 28), (1024, 512), (64, 256, 56, 56)]
-PASSES = {"fwd": 3, "fwd+bwd": 7}
-
-
-def copy_bandwidth(nbytes: int = 512 * 2**20, repeat: int = 5, device: str = "cpu") -> float:
-    """Measured copy bandwidth in GB/s (bytes read + written per second) of a large tensor."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    seconds = median_times({"copy": lambda: dst.copy_(src)}, repeat, sync)["copy"]
-    return 2 * nbytes / seconds / 1e9
-
-
-def implementations(device: str) -> dict[str, Callable]:
-    """The batch_norm functions compared: name -> f(x, rm, rv, w, b, training)."""
-    from bnlab.kernels.autograd import batch_norm as kernel_bn  # numba: only when measured
-
-    backend = "cpu" if device == "cpu" else "cuda"
-    return {
-        "torch native": TF.batch_norm,
-        "bnlab scratch": F.batch_norm,
-        f"bnlab {backend} kernel": lambda *a: kernel_bn(*a, backend=backend),
-    }
-
-
-def measure(shape, device: str, repeat: int) -> list[dict]:
-    """Training forward and forward+backward time of every implementation on one shape.
-
-    The implementations run interleaved, so they share the machine's load; the
-    gradients are reset before each backward (as ``zero_grad()`` does), so no call
-    pays for accumulating into the previous call's gradient.
-    """
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(shape, device=device, generator=g)
-    c = shape[1]
-    w = torch.rand(c, device=device, requires_grad=True)
-    b = torch.zeros(c, device=device, requires_grad=True)
-    rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
-    xg, dy = x.clone().requires_grad_(), torch.randn_like(x)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    impls = implementations(device)
-
-    def fwd(bn):
-        with torch.no_grad():
-            return bn(x, rm, rv, w, b, True, 0.1, 1e-5)
-
-    def fwd_bwd(bn):
-        xg.grad = w.grad = b.grad = None
-        bn(xg, rm, rv, w, b, True, 0.1, 1e-5).backward(dy)
-
-    def timed(step):
-        return median_times({n: partial(step, bn) for n, bn in impls.items()}, repeat, sync)
-
-    times = {"fwd": timed(fwd), "fwd+bwd": timed(fwd_bwd)}
-    nbytes = x.numel() * x.element_size()
-    rows = [
-        {"shape": tuple(shape), "impl": n, **{k: t[n] for k, t in times.items()}, "nbytes": nbytes}
-        for n in impls
-    ]
-    torch_row = rows[0]
-    for row in rows:
-        for key, passes in PASSES.items():
-            row[f"{key} vs torch"] = torch_row[key] / row[key]  # > 1: faster than torch
-            row[f"{key} GB/s"] = passes * row["nbytes"] / row[key] / 1e9
-    return rows
-
-
-def cpu_section(quick: bool = False) -> tuple[list[dict], float]:
-    """Rows for the CPU shapes, and the copy bandwidth they are compared with (GB/s)."""
-    repeat = 3 if quick else 7
-    shapes = CPU_SHAPES[:1] + CPU_SHAPES[2:] if quick else CPU_SHAPES
-    copy = copy_bandwidth(repeat=repeat)
-    return [row for s in shapes for row in measure(s, "cpu", repeat)], copy
-
-
-def gpu_peak_bandwidth() -> float:
-    """The GPU's peak memory bandwidth in GB/s: 2 (double data rate) x clock x bus width."""
-    from bnlab.kernels.backend import cuda_module
-
-    dev = cuda_module().get_current_device()
-    clock_hz = dev.MEMORY_CLOCK_RATE * 1e3  # reported in kHz
-    return 2 * clock_hz * dev.GLOBAL_MEMORY_BUS_WIDTH / 8 / 1e9
-
-
-def torch_gpu_backend(shape) -> str:
-    """Which kernel torch's batch_norm dispatches to on this GPU: cuDNN, MIOpen or native."""
-    x = torch.empty(shape, device="cuda")
-    v = torch.ones(shape[1], device="cuda")
-    return str(torch._C._select_batch_norm_backend(x, v, v, v, v, True, 1e-5)).split(".")[-1]
-
-
-def gpu_section(quick: bool = False) -> tuple[list[dict], dict] | None:
-    """GPU rows and device facts, or None without a GPU (nothing is measured, nothing faked)."""
-    if not torch.cuda.is_available():
-        return None
-    repeat = 10 if quick else 50
-    rows = [row for s in GPU_SHAPES for row in measure(s, "cuda", repeat)]
-    info = {
-        "device": torch.cuda.get_device_name(),
-        "peak GB/s": gpu_peak_bandwidth(),
-        "copy GB/s": copy_bandwidth(2**30, repeat, "cuda"),
-        "torch backend": torch_gpu_backend(GPU_SHAPES[-1]),
-    }
-    return rows, info
-
-
-def format_table(rows: list[dict], limit: float, limit_name: str) -> str:
-    """A text table: times in ms, ratios to torch, GB/s and its share of ``limit``."""
-    head = (
-        f"{'shape':<18} {'implementation':<18} {'fwd ms':>8} {'x torch':>7} {'GB/s':>6} "
-        f"{'fwd+bwd ms':>10} {'x torch':>7} {'GB/s':>6} {'% ' + limit_name:>10}"
-    )
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(
-            f"{str(r['shape']):<18} {r['impl']:<18} {r['fwd'] * 1e3:>8.2f} "
-            f"{r['fwd vs torch']:>7.2f} {r['fwd GB/s']:>6.1f} {r['fwd+bwd'] * 1e3:>10.2f} "
-            f"{r['fwd+bwd vs torch']:>7.2f} {r['fwd+bwd GB/s']:>6.1f} "
-            f"{100 * r['fwd+bwd GB/s'] / limit:>9.0f}%"
-        )
-    return "\n".join(lines)
+MEMORY_SHAPES = [(32, 64, 56, 56), (1024, 512)]
+MEMORY_IMPLS = ("torch", "bnlab kernel", "bnlab scratch")
 
 
 def set_threads(n: int) -> None:
@@ -153,51 +40,112 @@ def set_threads(n: int) -> None:
     numba.set_num_threads(n)
 
 
-def fusion_section(quick: bool = False, threads: int | None = None) -> list[dict]:
-    """Print and return the BN-folding inference speedups (bnlab.bench.folding.speed_table)."""
-    from bnlab.bench.folding import format_speed_table, speed_table
+def cpu_model() -> str:
+    """The CPU's model name (Linux), or what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
-    image = 64 if quick else None
-    rows = speed_table(image=image, repeats=5 if quick else 20, threads=threads or 2)
-    size = f"{image}x{image}" if quick else "224x224"
-    print(f"\nBN folded into the conv before it, CPU inference (ResNet-18 at batch 10, {size})")
-    print("x: unfused time / folded time (>1 is faster)\n")
-    print(format_speed_table(rows))
+
+def print_cpu_section(cases: list[dict], facts: dict) -> None:
+    llc = facts["llc_bytes"]
+    print(
+        f"\nCPU, float32, {facts['threads']} threads, {facts['allocator']} allocator. Copy "
+        f"bandwidth {facts['copy_GBps']:.1f} GB/s; last-level cache "
+        f"{'unknown' if llc is None else f'{llc / 2**20:.0f} MiB'}"
+    )
+    if facts["large_shape"]:
+        print(
+            f"bandwidth only at {tuple(facts['large_shape'])}, {cpu.CACHE_FACTOR}x the cache; "
+            f"a fresh output of that size costs {1e3 * facts['first_touch_s']:.0f} ms of page "
+            "faults, paid by every implementation"
+        )
+    print(
+        "x torch: torch's median / this median (>1 is faster); passes: fwd 3, fwd+bwd 8, eval 2\n"
+    )
+    print(cpu.format_cases(cases))
+    print("\nGoals (issue 17), in the medians:")
+    print(cpu.format_goals(cpu.goals(cases)))
+
+
+def warm_allocator_run(quick: bool, threads: int) -> tuple[list[dict], dict]:
+    """The CPU cases again in a child process whose allocator keeps freed memory mapped."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "warm.json"
+        cmd = [sys.executable, "-m", "bnlab.bench", "--cpu-only", "--threads", str(threads)]
+        cmd += ["--json", str(out)] + (["--quick"] if quick else [])
+        env = {**os.environ, **cpu.WARM_ALLOCATOR_ENV, "BNLAB_RECORD": "0"}
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        data = json.loads(out.read_text())
+    return data["cases"], data["machines"][0]
+
+
+def memory_section(quick: bool, threads: int) -> list[dict]:
+    from bnlab.bench.memory import format_memory_table, memory_table
+
+    shapes = MEMORY_SHAPES[:1] if quick else MEMORY_SHAPES
+    rows = memory_table(shapes, MEMORY_IMPLS, threads=threads)
+    print("\nPeak memory beyond the inputs during one fwd+bwd, each in a fresh process:\n")
+    print(format_memory_table(rows))
     return rows
 
 
-def record_figures(rows: list[dict], copy: float, fusion_rows: list[dict], gpu) -> None:
-    """Put ``make bench``'s headline figures in the results store (bnlab.teaching.results)."""
-    from bnlab.teaching.results import record
+def fusion_section(quick: bool = False, threads: int | None = None) -> list[dict]:
+    """Print and return BN folding in context: eager, folded, torch's fusers, torch.compile
+    with and without folding (bnlab.bench.folding.context_table)."""
+    from bnlab.bench.folding import context_table, format_context_table
 
-    kernel = [r for r in rows if r["impl"].endswith("kernel")]
-    for r in kernel:
-        shape = "x".join(map(str, r["shape"]))
+    threads = threads or 2
+    if quick:
+        rows = context_table(
+            models=("resnet18",), batches=(1,), image=64, repeats=3, threads=threads
+        )
+    else:
+        rows = context_table(threads=threads)
+    print(
+        f"\nBN folding in context, CPU inference, {threads} threads: eager, folded, torch's "
+        "fusers, torch.compile (inductor) with and without folding first"
+    )
+    print(
+        "speedup: unfused eager median / this median (>1 is faster); compile s: wall time of "
+        "the first call, which compiles (not part of the medians)\n"
+    )
+    print(format_context_table(rows))
+    return rows
+
+
+def record_figures(
+    machines: list[tuple[list[dict], dict]], memory: list[dict], fusion_rows: list[dict]
+) -> None:
+    """Put ``make bench``'s headline figures in the results store (bnlab.teaching.results)."""
+    from bnlab.bench.folding import record_context_figures
+    from bnlab.bench.memory import record_memory
+    from bnlab.teaching.results import drop_source, record
+
+    drop_source("bench")  # a full run replaces the whole set: no figure outlives its case
+    for cases, facts in machines:
+        cpu.record_cpu(cases, facts)
+        found = cpu.goals(cases)
+        met = [g for g in found if g["met"]]
         record(
-            f"bench.cpu.{shape}",
-            {k: r[k] for k in ("fwd vs torch", "fwd+bwd vs torch", "fwd+bwd GB/s")},
-            f"CPU kernel vs torch, training, float32, {tuple(r['shape'])}, "
-            f"{torch.get_num_threads()} threads, make bench",
-            f"forward {r['fwd vs torch']:.2f}x, forward+backward {r['fwd+bwd vs torch']:.2f}x; "
-            f"{r['fwd+bwd GB/s']:.1f} GB/s = {100 * r['fwd+bwd GB/s'] / copy:.0f}% of copy "
-            f"bandwidth {copy:.1f} GB/s",
+            f"bench.cpu.{facts['allocator']}.goals",
+            found,
+            f"issue 17's CPU goals met, {facts['allocator']} allocator",
+            f"{len(met)} of {len(found)}; not met: "
+            + (
+                "; ".join(f"{g['what']} ({g['value']:.2f})" for g in found if not g["met"])
+                or "none"
+            ),
+            table="bench",
         )
-    for r in fusion_rows:
-        record(
-            f"bench.fold.{r['model']}",
-            [r["bnlab_speedup"], r["fx_speedup"]],
-            f"inference speedup from folding BN, {r['model']} {r['input']}, CPU "
-            "(bnlab / torch.fx fuse), make bench",
-            f"{r['bnlab_speedup']:.2f}x / {r['fx_speedup']:.2f}x",
-        )
-    text = "not measured: no CUDA GPU on the machine that ran make bench"
-    if gpu is not None:
-        text = "; ".join(
-            f"{tuple(r['shape'])} {r['impl']}: fwd+bwd {r['fwd+bwd vs torch']:.2f}x"
-            for r in gpu[0]
-            if r["impl"].endswith("kernel")
-        )
-    record("bench.gpu", text, "CUDA kernels vs torch on a GPU, make bench", text)
+    record_memory(memory)
+    record_context_figures(fusion_rows)
+    text = "not measured yet: no CUDA GPU on the machines that ran the benchmarks (make bench-gpu)"
+    record("bench.gpu", text, "CUDA kernels vs torch on a GPU, make bench-gpu", text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -206,29 +154,45 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch and numba)")
+    parser.add_argument("--json", type=Path, default=None, help="write every case here")
+    parser.add_argument("--cpu-only", action="store_true", help="only the CPU kernel cases")
     args = parser.parse_args(argv)
-    if args.threads:
-        set_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    rows, copy = cpu_section(args.quick)
-    print(f"\nCPU, float32, training mode. Copy bandwidth: {copy:.1f} GB/s")
-    print("x torch: torch's time / this time (>1 is faster); GB/s: 3 passes fwd, 7 fwd+bwd\n")
-    print(format_table(rows, copy, "copy"))
-    fusion_rows = fusion_section(args.quick, args.threads)
-    gpu = gpu_section(args.quick)
-    if gpu is None:
-        print("\nGPU: no CUDA GPU on this machine, so no GPU rows were measured.")
-    else:
-        gpu_rows, info = gpu
-        print(
-            f"\nGPU {info['device']}: peak {info['peak GB/s']:.0f} GB/s from its attributes, "
-            f"copy {info['copy GB/s']:.0f} GB/s; torch's batch_norm backend: "
-            f"{info['torch backend']}\n"
-        )
-        print(format_table(gpu_rows, info["peak GB/s"], "peak"))
-    if not args.quick:  # the store holds full runs only
+    set_threads(args.threads or torch.get_num_threads())
+    threads = torch.get_num_threads()
+    import numba
+
+    print(f"torch {torch.__version__}, numba {numba.__version__}, {cpu_model()}, {threads} threads")
+    cases, facts = cpu.cpu_cases(args.quick)
+    print_cpu_section(cases, facts)
+    machines = [(cases, facts)]
+    memory, fusion_rows = [], []
+    if not args.cpu_only:
+        warm = warm_allocator_run(args.quick, threads)
+        print_cpu_section(*warm)
+        machines.append(warm)
+        memory = memory_section(args.quick, threads)
+        fusion_rows = fusion_section(args.quick, threads)
+        print("\nGPU: not part of make bench; on a CUDA machine run make bench-gpu.")
+    if args.json:
+        report = {
+            "schema": 1,
+            "kind": "bench",
+            "torch": torch.__version__,
+            "numba": numba.__version__,
+            "cpu": cpu_model(),
+            "threads": threads,
+            "machines": [m[1] for m in machines],
+            "cases": [c | {"allocator": m[1]["allocator"]} for m in machines for c in m[0]],
+            "goals": {m[1]["allocator"]: cpu.goals(m[0]) for m in machines},
+            "memory": memory,
+            "folding": fusion_rows,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
+        print(f"\nwrote {args.json}")
+    if not args.quick and not args.cpu_only:  # the store holds full runs only
         print()
-        record_figures(rows, copy, fusion_rows, gpu)
+        record_figures(machines, memory, fusion_rows)
 
 
 if __name__ == "__main__":

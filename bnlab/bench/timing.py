@@ -8,6 +8,7 @@ never assert a time.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import statistics
@@ -18,6 +19,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+
+# torch.utils.benchmark imports torch.utils.cpp_extension, which logs a warning on every
+# machine without the CUDA toolkit ("No CUDA runtime is found"): not ours to print.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+from torch.utils.benchmark import Measurement, Timer  # noqa: E402
 
 
 def time_interleaved(
@@ -39,6 +45,48 @@ def time_interleaved(
             fns[n]()
             times[n].append(time.perf_counter() - start)
     return times
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], object]],
+    repeats: int = 7,
+    number: int | None = None,
+    threads: int | None = None,
+    sync: Callable[[], None] | None = None,
+    min_run_time: float = 0.05,
+) -> dict[str, Measurement]:
+    """One ``torch.utils.benchmark`` Measurement per function, the functions interleaved.
+
+    Every round times each function once with ``Timer.timeit(number)`` (``number`` calls
+    per timing), in rotating order (A B C, B C A, ...), so all of them share the machine's
+    load; the rounds' per-call times become one Measurement per function, whose
+    ``median`` and ``iqr`` are the figures ``make bench`` reports. ``number=None`` picks
+    it from one warm-up timing so that a timing lasts about ``min_run_time`` seconds.
+    ``threads``: the thread count the Timer states and sets (torch.get_num_threads() by
+    default); ``sync`` runs after every call inside the timing (torch.cuda.synchronize).
+    """
+    threads = threads or torch.get_num_threads()
+    names = list(fns)
+    timers = {}
+    for n in names:
+        call = fns[n] if sync is None else (lambda fn=fns[n]: (fn(), sync()))
+        timers[n] = Timer("call()", globals={"call": call}, num_threads=threads, label=n)
+    numbers = {}
+    for n in names:  # warm-up (JIT compilation, first-touch of outputs), then size the timing
+        timers[n].timeit(1)
+        once = timers[n].timeit(1).raw_times[0]
+        numbers[n] = number or max(1, min(1000, int(min_run_time / max(once, 1e-9))))
+    raw: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            m = timers[n].timeit(numbers[n])
+            raw[n].append(m.raw_times[0] / numbers[n])  # seconds per call
+    return {
+        n: Measurement(
+            number_per_run=1, raw_times=raw[n], task_spec=timers[n]._task_spec, metadata=None
+        )
+        for n in names
+    }
 
 
 def median_times(

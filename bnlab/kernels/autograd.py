@@ -10,6 +10,7 @@ Serves notebook 04.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -44,47 +45,58 @@ class KernelBatchNormFunction(torch.autograd.Function):
 
     ``training=True``: batch statistics (and, when running buffers are given, their
     update); backward by the compact formula. ``training=False``: running statistics,
-    and dx = dy * weight * invstd (the elementwise kernel with zero sums).
+    and dx = dy * weight * invstd. Each pass is one fused call of the backend
+    (``forward_train``, ``forward_eval``, ``backward_train``). ``x`` arrives contiguous
+    in the kernels' layout: (N, C, *), or the (rows, C) view of a channels_last tensor.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, backend):
         k = ops(backend)
-        count = x.numel() // x.shape[1]
         if training:
-            mean, var, invstd = k.channel_stats(x, eps)
-            if running_mean is not None and running_var is not None:
-                k.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+            y, mean, invstd = k.forward_train(
+                x, weight, bias, running_mean, running_var, momentum, eps
+            )
         else:
-            mean = running_mean
-            invstd = torch.rsqrt(running_var + eps)  # (C,): no kernel needed
+            y, mean, invstd = k.forward_eval(x, running_mean, running_var, weight, bias, eps)
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.training, ctx.backend, ctx.count = training, backend, count
-        return k.normalize(x, mean, invstd, weight, bias)
+        ctx.training, ctx.backend = training, backend
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         if torch.is_grad_enabled():  # create_graph=True: someone will differentiate dx again
             raise RuntimeError(NO_HIGHER_ORDER)
         x, weight, mean, invstd = ctx.saved_tensors
-        k = ops(ctx.backend)
-        dy = dy.contiguous()
-        if ctx.training or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            sum_dy, sum_dy_xhat = k.backward_reduce(dy, x, mean, invstd)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            if ctx.training:
-                a, b = sum_dy, sum_dy_xhat
-            else:
-                a = b = torch.zeros_like(mean)
-            dx = k.backward_elementwise(dy, x, mean, invstd, weight, a, b, ctx.count)
-        dgamma = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
-        dbeta = sum_dy if ctx.needs_input_grad[2] else None
+        dx, dgamma, dbeta = ops(ctx.backend).backward_train(
+            dy.contiguous(), x, mean, invstd, weight, batch_stats=ctx.training
+        )
+        dx = dx if ctx.needs_input_grad[0] else None
+        dgamma = dgamma if weight is not None and ctx.needs_input_grad[1] else None
+        dbeta = dbeta if ctx.needs_input_grad[2] else None
         return dx, dgamma, dbeta, None, None, None, None, None, None
 
     @staticmethod
     def jvp(ctx, *tangents):
         raise RuntimeError(NO_FORWARD_AD)
+
+
+def kernel_layout(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """x in a layout the kernels index, and the map that gives a result x's own layout.
+
+    A contiguous x is used as it is. A channels_last (or channels_last_3d) x is, in
+    memory, a contiguous (N * H * W, C) array: it is handed to the kernels as that 2-D
+    view (no copy), and results are viewed back, so they come out channels_last as
+    torch's do. Any other strided x is copied once to contiguous.
+    """
+    if x.is_contiguous() or x.dim() < 3:
+        return x.contiguous(), lambda t: t
+    order = (0, *range(2, x.dim()), 1)  # channels last: N, spatial..., C
+    moved = x.permute(order)
+    if not moved.is_contiguous():
+        return x.contiguous(), lambda t: t
+    back = (0, x.dim() - 1, *range(1, x.dim() - 1))
+    return moved.reshape(-1, x.shape[1]), lambda t: t.view(moved.shape).permute(back)
 
 
 def batch_norm(
@@ -117,14 +129,52 @@ def _batch_norm_validated(
         return F.batch_norm_validated(
             x, running_mean, running_var, weight, bias, training, momentum, eps
         )
+    rows, restore = kernel_layout(x)
     try:
-        return KernelBatchNormFunction.apply(
-            x, weight, bias, running_mean, running_var, training, momentum, eps, backend
+        return restore(
+            KernelBatchNormFunction.apply(
+                rows, weight, bias, running_mean, running_var, training, momentum, eps, backend
+            )
         )
     except RuntimeError as err:  # torch.func transforms refuse the Function before it runs
         if "setup_context" in str(err):
             raise RuntimeError(NO_FORWARD_AD) from err
         raise
+
+
+NEEDS_NO_GRAD = (
+    "batch_norm_relu is an inference kernel without a backward; call it under "
+    "torch.no_grad() or torch.inference_mode(), or use batch_norm followed by torch.relu "
+    "when gradients are needed"
+)
+
+
+def batch_norm_relu(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    backend: str = "cpu",
+) -> Tensor:
+    """Eval-mode BatchNorm followed by ReLU in one pass over the data (read x, write y).
+
+    Equals ``torch.relu(torch.nn.functional.batch_norm(x, running_mean, running_var,
+    weight, bias, training=False, eps=eps))``, which reads and writes the tensor twice.
+    Inference only: refused while autograd would need a gradient.
+    """
+    F.validate_batch_norm_args(x, running_mean, running_var, weight, False, eps, bias)
+    needs_grad = (t is not None and t.requires_grad for t in (x, weight, bias))
+    if torch.is_grad_enabled() and any(needs_grad):
+        raise RuntimeError(NEEDS_NO_GRAD)
+    if x.numel() == 0:
+        return torch.relu(F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps))
+    rows, restore = kernel_layout(x)
+    y, _, _ = ops(backend).forward_eval(
+        rows, running_mean, running_var, weight, bias, eps, relu=True
+    )
+    return restore(y)
 
 
 class _KernelMixin:
@@ -140,12 +190,9 @@ class _KernelMixin:
         self.backend = backend
 
     def _normalize(self, x, running_mean, running_var, training: bool, momentum: float) -> Tensor:
-        # The kernels index NCHW memory. channels_last input is computed on an NCHW copy
-        # and handed back channels_last, as torch's BatchNorm2d keeps the input's format.
-        channels_last = x.dim() == 4 and not x.is_contiguous()
-        channels_last = channels_last and x.is_contiguous(memory_format=torch.channels_last)
-        out = _batch_norm_validated(
-            x.contiguous(),
+        # channels_last input stays channels_last, without a copy (kernel_layout)
+        return _batch_norm_validated(
+            x,
             running_mean,
             running_var,
             self.weight,
@@ -155,7 +202,6 @@ class _KernelMixin:
             self.eps,
             self.backend,
         )
-        return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
 class BatchNorm1d(_KernelMixin, modules.BatchNorm1d):

@@ -212,14 +212,21 @@ def _backward_reduce_kernel(d: SimpleNamespace, block: int):
 
 
 def _elementwise_kernels(d: SimpleNamespace) -> dict:
-    """Grid-stride kernels: normalize, the backward's dx, the running-statistics update."""
-    one = d.one
+    """Grid-stride kernels: normalize, affine (+ReLU), dx, the running-statistics update."""
+    zero, one = d.zero, d.one
 
     def normalize(x, C, HW, mean, invstd, weight, bias, y):
         """Grid-stride loop: y = (x - mean) * invstd * weight + bias."""
         for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
             c = (i // HW) % C
             y[i] = (x[i] - mean[c]) * (invstd[c] * weight[c]) + bias[c]
+
+    def affine(x, C, HW, scale, shift, relu, y):
+        """Grid-stride loop: y = x * scale + shift, and max(., 0) when ``relu`` (eval + ReLU)."""
+        for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
+            c = (i // HW) % C
+            v = x[i] * scale[c] + shift[c]
+            y[i] = zero if (relu and v < zero) else v  # NaN stays NaN, as torch.relu
 
     def backward_elementwise(x, dy, C, HW, mean, invstd, weight, sum_dy, sum_dy_xhat, inv_m, dx):
         """Grid-stride loop: the compact formula for dx."""
@@ -239,6 +246,7 @@ def _elementwise_kernels(d: SimpleNamespace) -> dict:
 
     return {
         "normalize": normalize,
+        "affine": affine,
         "backward_elementwise": backward_elementwise,
         "update_running": update_running,
     }
@@ -257,6 +265,7 @@ def sources(np_dtype: type = np.float32, block: int = BLOCK) -> dict:
     return {
         **_statistics_kernels(d, block),
         "normalize": elementwise["normalize"],
+        "affine": elementwise["affine"],
         "backward_reduce": _backward_reduce_kernel(d, block),
         "backward_elementwise": elementwise["backward_elementwise"],
         "update_running": elementwise["update_running"],
@@ -272,6 +281,7 @@ def signatures(np_dtype: type = np.float32) -> dict:
         "channel_stats_partial": (v, i, i, m, m, m),
         "merge_partials": (m, m, m, f, v, v, v),
         "normalize": (v, i, i, v, v, v, v, v),
+        "affine": (v, i, i, v, v, types.boolean, v),
         "backward_reduce": (v, v, i, i, v, v, v, v),
         "backward_elementwise": (v, v, i, i, v, v, v, v, v, f, v),
         "update_running": (v, v, v, v, f, f),
@@ -408,6 +418,46 @@ def update_running_stats(
         np_t(momentum),
         np_t(count / (count - 1)),
     )
+
+
+# ---------------------------------------------------------------------------------
+# The fused operations the autograd Function calls (the same names as bnlab.kernels.cpu)
+# ---------------------------------------------------------------------------------
+
+
+def forward_train(x, weight, bias, running_mean, running_var, momentum, eps):
+    """Training forward: y and the (mean, invstd) the backward needs; running buffers (or
+    None) updated in place. Three launches: statistics, running update, normalize."""
+    mean, var, invstd = channel_stats(x, eps)
+    if running_mean is not None:
+        update_running_stats(
+            running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum
+        )
+    return normalize(x, mean, invstd, weight, bias), mean, invstd
+
+
+def forward_eval(x, running_mean, running_var, weight, bias, eps, relu: bool = False):
+    """Eval forward from the running statistics, y = x * scale + shift, with ReLU fused in
+    when ``relu``: one elementwise launch (the (C,) constants are torch operations)."""
+    C, HW, weight, bias = validate.validate_normalize_args(
+        x, running_mean, running_var, weight, bias, _DEVICE
+    )
+    invstd = torch.rsqrt(running_var + eps)
+    scale = weight * invstd
+    shift = bias - running_mean * scale
+    y = torch.empty_like(x)
+    args = (_device_array(x), C, HW, _device_array(scale), _device_array(shift), bool(relu))
+    _launch(kernels(x.dtype).affine, _elementwise_grid(x.numel()), BLOCK, *args, _device_array(y))
+    return y, running_mean.clone(), invstd
+
+
+def backward_train(dy, x, mean, invstd, weight, batch_stats: bool = True):
+    """dx, sum(dy * x_hat) (dgamma) and sum(dy) (dbeta); ``batch_stats`` False gives the
+    eval-mode gradient dx = dy * weight * invstd. Two launches."""
+    sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, invstd)
+    a, b = (sum_dy, sum_dy_xhat) if batch_stats else (torch.zeros_like(mean),) * 2
+    count = x.numel() // x.shape[1]
+    return backward_elementwise(dy, x, mean, invstd, weight, a, b, count), sum_dy_xhat, sum_dy
 
 
 def available() -> str:

@@ -42,10 +42,11 @@ TABLES = {  # README tables, in order: (title, column heading of the row labels)
     "pitfalls": ("Pitfalls (notebook 06)", "pitfall: symptom measured, and after the fix"),
     "claims": ("Claims (notebook 08, and the new lessons' verdicts)", "claim"),
     "errata": ("Errata of the five seed posts (notebook 10)", "what"),
+    "bench": ("BatchNorm kernels vs torch, CPU (make bench; notebook 04)", "case"),
     "timings": ("How long things take", "step"),
 }
 BLOCKS = {  # README marker -> the tables generated between <!-- name --> and <!-- /name -->
-    "results": ("results", "pitfalls", "claims", "errata"),
+    "results": ("results", "pitfalls", "claims", "errata", "bench"),
     "timings": ("timings",),
 }
 MEASURED_OUTSIDE_NOTEBOOKS = ("bench", "timings")  # sources that no notebook output shows
@@ -70,7 +71,7 @@ def record(key: str, value, what: str, text: str | None = None, table: str = "re
            source: str | None = None, path: Path = STORE) -> str:  # fmt: skip
     """Record one headline figure; returns (and prints) the text shown for it.
 
-    key: unique, dotted (``"05.classic.bn"``); value: a number, string or list; what:
+    key: unique, dotted (``"05.classic.bn"``); value: a number, string, list or dict; what:
     the row label in the README; text: how the value reads (default ``str(value)``);
     table: one of :data:`TABLES`; source: the notebook stem or "bench" (default: the
     key's first part, e.g. ``"05"`` is looked up as ``notebooks/05_*.ipynb``).
@@ -169,6 +170,20 @@ def notebook_results(path: Path) -> dict[str, str]:
             text = output.get("text", "")
             found.update(RESULT_LINE.findall("".join(text) if isinstance(text, list) else text))
     return found
+
+
+def drop_source(source: str, path: Path = STORE) -> list[str]:
+    """Remove every figure of ``source`` (e.g. "bench" before a full benchmark run records
+    its new set), only while recording; returns the keys removed."""
+    if not recording():
+        return []
+    data = load(path)
+    gone = [k for k, f in data["figures"].items() if f["source"] == source]
+    for key in gone:
+        del data["figures"][key]
+    if gone:
+        path.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    return gone
 
 
 def prune(notebooks: list[Path], path: Path = STORE) -> list[str]:

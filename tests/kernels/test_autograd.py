@@ -98,3 +98,153 @@ def test_cpu_kernel_modules_match_torch_on_random_inputs(
         torch.testing.assert_close(results[0][1], results[1][1], rtol=tol * 10, atol=tol * 10)
         for key, value in ref.state_dict().items():
             torch.testing.assert_close(ours.state_dict()[key], value, rtol=tol, atol=tol)
+
+
+# --- the kernel paths issue 17 added, on the CPU kernels and on the CUDA simulator (or a
+# GPU): channels_last without a copy, eval BN fused with ReLU, the 2-D (N, C) case.
+
+import torch.nn.functional as TF  # noqa: E402
+
+from bnlab.kernels import backend  # noqa: E402
+
+backend.cuda_module()  # the simulator unless a GPU is present, chosen before bnlab.kernels.cuda
+from bnlab.kernels import cuda as KC  # noqa: E402
+
+DEV = {"cpu": "cpu", "cuda": "cpu" if KC.SIMULATOR else "cuda"}
+TOL = {torch.float32: 3e-5, torch.float64: 1e-10}
+# (shape, memory format): 2-D, 3-D, 4-D both layouts, 5-D channels_last_3d; sizes not
+# multiples of the chunk counts, the 8-row blocks or the simulator's 32-thread blocks
+CASES = [
+    ((7, 3), torch.contiguous_format),
+    ((13, 5), torch.contiguous_format),
+    ((3, 2, 5), torch.contiguous_format),
+    ((3, 2, 5, 5), torch.contiguous_format),
+    ((3, 4, 5, 3), torch.channels_last),
+    ((2, 3, 2, 3, 2), torch.channels_last_3d),
+]
+
+
+def _path_data(shape, fmt, dtype, device, seed=0, offset=2.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 3 + offset
+    c = shape[1]
+    w = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    b = torch.randn(c, generator=g, dtype=torch.float64)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    rm, rv = torch.randn(c, generator=g, dtype=torch.float64), torch.rand(c, generator=g) + 0.5
+    out = [t.to(dtype=dtype, device=device) for t in (x, w, b, dy, rm, rv.double())]
+    out[0] = out[0].contiguous(memory_format=fmt)
+    out[3] = out[3].contiguous(memory_format=fmt)
+    return out
+
+
+@pytest.mark.parametrize("be", ["cpu", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape, fmt", CASES)
+def test_training_forward_backward_and_running_stats_match_torch(be, dtype, shape, fmt):
+    x, w, b, dy, rm, rv = _path_data(shape, fmt, dtype, DEV[be])
+    results = []
+    for bn in (TF.batch_norm, lambda *a: A.batch_norm(*a, backend=be)):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        xs = x.clone().requires_grad_()  # clone keeps the memory format
+        r_m, r_v = rm.clone(), rv.clone()
+        y = bn(xs, r_m, r_v, ws, bs, True, 0.1, 1e-5)
+        y.backward(dy)
+        results.append((y, xs.grad, ws.grad, bs.grad, r_m, r_v))
+    (y_t, *rest_t), (y_k, *rest_k) = results
+    assert y_k.stride() == y_t.stride()  # the output keeps the input's memory format
+    tol = TOL[dtype]
+    torch.testing.assert_close(y_k, y_t, rtol=tol, atol=tol)
+    for got, want in zip(rest_k, rest_t, strict=True):
+        torch.testing.assert_close(got, want, rtol=10 * tol, atol=10 * tol)
+
+
+@pytest.mark.parametrize("be", ["cpu", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape, fmt", CASES)
+def test_eval_bn_relu_in_one_pass_equals_batch_norm_then_relu(be, dtype, shape, fmt):
+    x, w, b, _, rm, rv = _path_data(shape, fmt, dtype, DEV[be], offset=0.0)
+    want = torch.relu(TF.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5))
+    with torch.no_grad():
+        got = A.batch_norm_relu(x, rm, rv, w, b, 1e-5, backend=be)
+    assert got.stride() == want.stride()
+    assert (got == 0).any() and (got > 0).any()  # both sides of the ReLU are exercised
+    torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])
+    no_affine = torch.relu(TF.batch_norm(x, rm, rv, None, None, False, 0.1, 1e-3))
+    with torch.no_grad():
+        got = A.batch_norm_relu(x, rm, rv, eps=1e-3, backend=be)
+    torch.testing.assert_close(got, no_affine, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("be", ["cpu", "cuda"])
+@pytest.mark.parametrize("shape, fmt", CASES)
+def test_eval_mode_gradients_match_torch(be, shape, fmt):
+    x, w, b, dy, rm, rv = _path_data(shape, fmt, torch.float64, DEV[be])
+    grads = []
+    for bn in (TF.batch_norm, lambda *a: A.batch_norm(*a, backend=be)):
+        xs = x.clone().requires_grad_()
+        ws, bs = w.clone().requires_grad_(), b.clone().requires_grad_()
+        bn(xs, rm, rv, ws, bs, False, 0.1, 1e-5).backward(dy)
+        grads.append((xs.grad, ws.grad, bs.grad))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_bn_relu_refuses_inputs_that_need_a_gradient_before_computing():
+    x = torch.randn(4, 3, requires_grad=True)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"torch.no_grad\(\).*batch_norm followed by torch.relu"):
+        A.batch_norm_relu(x, rm, rv)
+    w = torch.ones(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inference kernel"):
+        A.batch_norm_relu(x.detach(), rm, rv, w)
+    with pytest.raises(ValueError, match="running_mean and running_var are required"):
+        A.batch_norm_relu(x.detach(), None, None)
+    with torch.no_grad():
+        empty = A.batch_norm_relu(torch.empty(0, 3), rm, rv)
+    assert empty.shape == (0, 3)
+
+
+@pytest.mark.parametrize("shape, fmt", [((4, 6, 5, 3), torch.channels_last), ((5, 7), None)])
+def test_the_kernels_read_the_callers_memory_no_copy_of_the_input(monkeypatch, shape, fmt):
+    """channels_last input reaches the kernels as a (N*H*W, C) view of the same memory."""
+    from bnlab.kernels import cpu as K
+
+    seen = []
+    real = K.forward_train
+    monkeypatch.setattr(K, "forward_train", lambda x, *a: (seen.append(x), real(x, *a))[1])
+    x = torch.randn(shape)
+    x = x.contiguous(memory_format=fmt) if fmt else x
+    A.batch_norm(x, None, None, training=True)
+    (rows,) = seen
+    assert rows.data_ptr() == x.data_ptr() and rows.is_contiguous()
+    assert rows.shape == (x.numel() // x.shape[1], x.shape[1]) if fmt else rows.shape == x.shape
+
+
+def test_strided_input_that_is_neither_layout_is_computed_on_a_copy_correctly():
+    x = torch.randn(6, 4, 8)[:, :, ::2]  # non-contiguous in both senses
+    want = TF.batch_norm(x, None, None, training=True)
+    torch.testing.assert_close(A.batch_norm(x, None, None, training=True), want)
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e5])
+def test_2d_statistics_stay_accurate_far_from_zero_in_float32(offset):
+    """The one-pass 2-D statistics shift by the chunk's first row: no catastrophic cancellation."""
+    g = torch.Generator().manual_seed(1)
+    x64 = torch.randn(4099, 6, generator=g, dtype=torch.float64) * 0.5 + offset
+    x = x64.float()
+    rm, rv = torch.zeros(6), torch.ones(6)
+    A.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    torch.testing.assert_close(rv.double(), x.double().var(0), rtol=1e-4, atol=0)
+    torch.testing.assert_close(rm.double(), x.double().mean(0), rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("be", ["cpu", "cuda"])
+def test_bn_relu_keeps_nan_and_inf_as_torch_relu_does(be):
+    x = torch.tensor([[1.0, -2.0], [float("nan"), float("inf")], [-float("inf"), 0.5]])
+    rm, rv = torch.zeros(2), torch.ones(2)
+    x, rm, rv = (t.to(DEV[be]) for t in (x, rm, rv))
+    want = torch.relu(TF.batch_norm(x, rm, rv, None, None, False, 0.1, 1e-5))
+    with torch.no_grad():
+        got = A.batch_norm_relu(x, rm, rv, backend=be)
+    torch.testing.assert_close(got, want, equal_nan=True)

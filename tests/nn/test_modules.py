@@ -454,8 +454,6 @@ BAD_INPUTS = [
      ValueError, ["momentum", "convert_momentum"]),
     ("module: eps attribute set to -1", lambda: _module(torch.randn(4, 3, 2, 2), eps=-1.0),
      ValueError, ["eps", "default is 1e-5"]),
-    ("kernels: non-contiguous input", lambda: _kernel(torch.randn(4, 3, 5, 5).transpose(2, 3)),
-     ValueError, ["contiguous", ".contiguous()"]),
     ("kernels: float16 input", lambda: _kernel(torch.randn(4, 3, 2, 2).half()),
      TypeError, ["float32 and float64", ".float()"]),
     ("kernels: unknown backend", lambda: _kernel(torch.randn(4, 3, 2, 2), backend="tpu"),

@@ -101,3 +101,16 @@ def test_store_and_notebook_outputs_agree_both_ways():
         if figure["source"] not in results.MEASURED_OUTSIDE_NOTEBOOKS:
             assert key in shown, f"the store has {key}, which no notebook output shows"
     assert any(f["source"] == "bench" for f in store.values()), "run make bench"
+
+
+def test_drop_source_removes_a_sources_figures_only_while_recording(tmp_path, monkeypatch):
+    store = tmp_path / "results.json"
+    monkeypatch.setenv(results.RECORD_ENV, "1")
+    monkeypatch.setenv("BNLAB_FAST", "0")
+    results.record("bench.old", 1, "old", table="bench", path=store)
+    results.record("05.kept", 2, "kept", path=store)
+    monkeypatch.setenv(results.RECORD_ENV, "0")
+    assert results.drop_source("bench", store) == []  # not recording: nothing changes
+    monkeypatch.setenv(results.RECORD_ENV, "1")
+    assert results.drop_source("bench", store) == ["bench.old"]
+    assert set(results.load(store)["figures"]) == {"05.kept"}
