@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from torch import nn
@@ -47,3 +48,8 @@ settings.register_profile(
     "deep", max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 PROPERTY_SETTINGS = settings(settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick")))
+
+# Checks that take seconds each (fresh processes, the CUDA simulator's slow threads) run a
+# representative subset in `make test` and all of their cases in `make test-deep`.
+DEEP = os.environ.get("HYPOTHESIS_PROFILE") == "deep"
+deep_only = pytest.mark.skipif(not DEEP, reason="runs in make test-deep (HYPOTHESIS_PROFILE=deep)")

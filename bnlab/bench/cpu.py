@@ -286,7 +286,8 @@ def record_cpu(cases: list[dict], facts: dict) -> None:
         record(
             f"bench.cpu.{alloc}.{key}",
             {**entry, "iqr_fraction": {m: round(v, 3) for m, v in iqr.items()}},
-            f"CPU kernel / torch (median), {tuple(entry['shape'])} {entry['layout']}, float32, "
+            f"CPU kernel speed vs torch (torch's median / the kernel's), {tuple(entry['shape'])} "
+            f"{entry['layout']}, float32, "
             f"{facts['threads']} threads, {alloc} allocator",
             "; ".join(parts),
             table="bench",

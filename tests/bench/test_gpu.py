@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import deep_only
 
 from bnlab.bench import gpu
 from bnlab.kernels import autograd, backend
@@ -125,6 +126,7 @@ def test_goals_are_computed_from_the_goal_shapes_fwd_bwd_case():
     assert "not measured" in gpu.format_goals(goals(1.0, "channels_last"))
 
 
+@deep_only  # the simulator times every mode: ~15 s
 def test_run_checks_times_and_writes_the_json_where_asked(tmp_path, capsys):
     path = tmp_path / "out" / "gpu.json"
     facts = {"device_name": "CUDA simulator", "peak_GBps": 50.0, "torch_backend": "Native"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+from helpers import deep_only
 
 from bnlab.bench import memory
 
@@ -19,7 +20,14 @@ PROBE_SHAPE = (8, 64, 64, 64)  # 8 MiB per float32 tensor
 SMALL = (16, 64, 32, 32)  # 4 MiB: small, but far above page and allocator granularity
 
 
-@pytest.mark.parametrize("k, allocator", [(0, "mmap"), (3, "mmap"), (3, "glibc")])
+@pytest.mark.parametrize(
+    "k, allocator",
+    [
+        pytest.param(0, "mmap", marks=deep_only),
+        (3, "mmap"),
+        pytest.param(3, "glibc", marks=deep_only),
+    ],
+)
 def test_the_probe_reports_the_tensors_it_allocated(k, allocator):
     row = memory.peak_extra_bytes(f"probe:{k}", PROBE_SHAPE, allocator=allocator)
     assert row["allocator"] == allocator

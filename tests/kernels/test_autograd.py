@@ -53,7 +53,7 @@ def test_forward_mode_is_refused_clearly():
         jvp(m, (x,), (torch.ones_like(x),))
 
 
-from helpers import PROPERTY_SETTINGS  # noqa: E402
+from helpers import PROPERTY_SETTINGS, deep_only  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -138,8 +138,11 @@ def _path_data(shape, fmt, dtype, device, seed=0, offset=2.0):
     return out
 
 
-@pytest.mark.parametrize("be", ["cpu", "cuda"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "be, dtype",
+    [("cpu", torch.float32), ("cpu", torch.float64), ("cuda", torch.float64),
+     pytest.param("cuda", torch.float32, marks=deep_only)],  # the simulator: seconds per case
+)  # fmt: skip
 @pytest.mark.parametrize("shape, fmt", CASES)
 def test_training_forward_backward_and_running_stats_match_torch(be, dtype, shape, fmt):
     x, w, b, dy, rm, rv = _path_data(shape, fmt, dtype, DEV[be])
