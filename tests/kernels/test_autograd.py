@@ -122,6 +122,21 @@ CASES = [
     ((3, 4, 5, 3), torch.channels_last),
     ((2, 3, 2, 3, 2), torch.channels_last_3d),
 ]
+# On the CUDA simulator (seconds per case) make test runs one case per layout; make
+# test-deep runs them all.
+SIM_CASES = {0, 3, 4}
+
+
+def _be_cases(dtypes=(torch.float32, torch.float64)):
+    """(backend, dtype, shape, memory format) parameters: every CPU case, the simulator's
+    representative ones, the rest of the simulator's in make test-deep."""
+    out = []
+    for dtype in dtypes:
+        for i, (shape, fmt) in enumerate(CASES):
+            out.append(pytest.param("cpu", dtype, shape, fmt))
+            marks = () if i in SIM_CASES else (deep_only,)
+            out.append(pytest.param("cuda", dtype, shape, fmt, marks=marks))
+    return out
 
 
 def _path_data(shape, fmt, dtype, device, seed=0, offset=2.0):
@@ -138,12 +153,7 @@ def _path_data(shape, fmt, dtype, device, seed=0, offset=2.0):
     return out
 
 
-@pytest.mark.parametrize(
-    "be, dtype",
-    [("cpu", torch.float32), ("cpu", torch.float64), ("cuda", torch.float64),
-     pytest.param("cuda", torch.float32, marks=deep_only)],  # the simulator: seconds per case
-)  # fmt: skip
-@pytest.mark.parametrize("shape, fmt", CASES)
+@pytest.mark.parametrize("be, dtype, shape, fmt", _be_cases())
 def test_training_forward_backward_and_running_stats_match_torch(be, dtype, shape, fmt):
     x, w, b, dy, rm, rv = _path_data(shape, fmt, dtype, DEV[be])
     results = []
@@ -162,9 +172,7 @@ def test_training_forward_backward_and_running_stats_match_torch(be, dtype, shap
         torch.testing.assert_close(got, want, rtol=10 * tol, atol=10 * tol)
 
 
-@pytest.mark.parametrize("be", ["cpu", "cuda"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape, fmt", CASES)
+@pytest.mark.parametrize("be, dtype, shape, fmt", _be_cases())
 def test_eval_bn_relu_in_one_pass_equals_batch_norm_then_relu(be, dtype, shape, fmt):
     x, w, b, _, rm, rv = _path_data(shape, fmt, dtype, DEV[be], offset=0.0)
     want = torch.relu(TF.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5))
@@ -179,9 +187,8 @@ def test_eval_bn_relu_in_one_pass_equals_batch_norm_then_relu(be, dtype, shape, 
     torch.testing.assert_close(got, no_affine, rtol=TOL[dtype], atol=TOL[dtype])
 
 
-@pytest.mark.parametrize("be", ["cpu", "cuda"])
-@pytest.mark.parametrize("shape, fmt", CASES)
-def test_eval_mode_gradients_match_torch(be, shape, fmt):
+@pytest.mark.parametrize("be, dtype, shape, fmt", _be_cases((torch.float64,)))
+def test_eval_mode_gradients_match_torch(be, dtype, shape, fmt):
     x, w, b, dy, rm, rv = _path_data(shape, fmt, torch.float64, DEV[be])
     grads = []
     for bn in (TF.batch_norm, lambda *a: A.batch_norm(*a, backend=be)):
