@@ -95,20 +95,12 @@ def _trim_heap() -> None:
 
 
 def _implementation(impl: str) -> Callable:
-    """name -> f(x, rm, rv, w, b, training, momentum, eps), imported here, in the child."""
-    if impl == "torch":
-        import torch.nn.functional as TF
+    """name -> f(x, rm, rv, w, b, training, momentum, eps): make bench's own functions."""
+    from bnlab.bench.cpu import implementations
 
-        return TF.batch_norm
-    if impl == "bnlab kernel":
-        from bnlab.kernels.autograd import batch_norm
-
-        return partial(batch_norm, backend="cpu")
-    if impl == "bnlab scratch":
-        from bnlab.nn.functional import batch_norm
-
-        return batch_norm
-    raise ValueError(f"impl must be one of {IMPLS} or 'probe:K' (got {impl!r})")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS} or 'probe:K' (got {impl!r})")
+    return implementations(large=False)[impl]["bn"]
 
 
 def _inputs(shape: tuple[int, ...], layout: str) -> dict:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from bnlab.bench import cpu
+from bnlab.teaching.timings import cpu_model
 
 MEMORY_SHAPES = [(32, 64, 56, 56), (1024, 512)]
 MEMORY_IMPLS = ("torch", "bnlab kernel", "bnlab scratch")
@@ -38,17 +38,6 @@ def set_threads(n: int) -> None:
 
     torch.set_num_threads(n)
     numba.set_num_threads(n)
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux), or what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def print_cpu_section(cases: list[dict], facts: dict) -> None:

@@ -20,10 +20,12 @@ from contextlib import contextmanager
 
 import torch
 
-# torch.utils.benchmark imports torch.utils.cpp_extension, which logs a warning on every
-# machine without the CUDA toolkit ("No CUDA runtime is found"): not ours to print.
-logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-from torch.utils.benchmark import Measurement, Timer  # noqa: E402
+
+def rotations(names: list[str], repeats: int) -> Iterator[str]:
+    """The names in rotating order, ``repeats`` rounds: A B C, B C A, C A B, ..."""
+    for r in range(repeats):
+        k = r % len(names)
+        yield from names[k:] + names[:k]
 
 
 def time_interleaved(
@@ -39,11 +41,10 @@ def time_interleaved(
         for n in names:
             fns[n]()
     times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - start)
+    for n in rotations(names, repeats):
+        start = time.perf_counter()
+        fns[n]()
+        times[n].append(time.perf_counter() - start)
     return times
 
 
@@ -54,7 +55,7 @@ def measure_interleaved(
     threads: int | None = None,
     sync: Callable[[], None] | None = None,
     min_run_time: float = 0.05,
-) -> dict[str, Measurement]:
+) -> dict[str, torch.utils.benchmark.Measurement]:
     """One ``torch.utils.benchmark`` Measurement per function, the functions interleaved.
 
     Every round times each function once with ``Timer.timeit(number)`` (``number`` calls
@@ -65,6 +66,12 @@ def measure_interleaved(
     ``threads``: the thread count the Timer states and sets (torch.get_num_threads() by
     default); ``sync`` runs after every call inside the timing (torch.cuda.synchronize).
     """
+    # torch.utils.benchmark imports torch.utils.cpp_extension, which logs a warning on every
+    # machine without the CUDA toolkit ("No CUDA runtime is found"): not ours to print.
+    # Imported here, not with this module: notebooks that only use the plain timers skip it.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils.benchmark import Measurement, Timer
+
     threads = threads or torch.get_num_threads()
     names = list(fns)
     timers = {}
@@ -77,10 +84,8 @@ def measure_interleaved(
         once = timers[n].timeit(1).raw_times[0]
         numbers[n] = number or max(1, min(1000, int(min_run_time / max(once, 1e-9))))
     raw: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
-            m = timers[n].timeit(numbers[n])
-            raw[n].append(m.raw_times[0] / numbers[n])  # seconds per call
+    for n in rotations(names, repeats):
+        raw[n].append(timers[n].timeit(numbers[n]).raw_times[0] / numbers[n])  # s per call
     return {
         n: Measurement(
             number_per_run=1, raw_times=raw[n], task_spec=timers[n]._task_spec, metadata=None

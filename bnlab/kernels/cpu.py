@@ -124,24 +124,21 @@ def _affine_constants(mean, invstd, weight, bias, scale, shift):
 @njit(cache=True)
 def _train_constants(
     cnt, pmean, pm2, eps, weight, bias, momentum, rmean, rvar, mean, invstd, scale, shift
-):  # noqa: E501
+):
     """The training forward's per-channel step, one serial loop over C (no thread launch):
     merge the chunk summaries; mean, invstd (float64); scale and shift for y = x * scale +
     shift (x's type); and, when the running buffers are not empty, PyTorch's update
     ``running = (1 - momentum) * running + momentum * batch`` in float64 with the unbiased
     variance. Writes mean, invstd (float64) and scale, shift (x's type), all (C,)."""
-    chunks, C = pmean.shape
-    for c in range(C):
-        n, mu, q = 0.0, 0.0, 0.0
-        for k in range(chunks):
-            n, mu, q = _merge(n, mu, q, cnt[k], pmean[k, c], pm2[k, c])
-        istd = 1.0 / np.sqrt(q / n + eps)
-        mean[c], invstd[c] = mu, istd
-        sc = weight[c] * istd
-        scale[c], shift[c] = sc, bias[c] - mu * sc
+    _merge_chunks(cnt, pmean, pm2, mean, invstd)  # invstd holds the biased variance first
+    unbias = cnt.sum() / (cnt.sum() - 1.0)
+    for c in range(mean.shape[0]):
+        var = invstd[c]
+        invstd[c] = 1.0 / np.sqrt(var + eps)
         if rmean.shape[0]:
-            rmean[c] = momentum * mu + (1.0 - momentum) * rmean[c]
-            rvar[c] = momentum * (q / (n - 1.0)) + (1.0 - momentum) * rvar[c]
+            rmean[c] = momentum * mean[c] + (1.0 - momentum) * rmean[c]
+            rvar[c] = momentum * (var * unbias) + (1.0 - momentum) * rvar[c]
+    _affine_constants(mean, invstd, weight, bias, scale, shift)
 
 
 @njit(parallel=True, fastmath=_FAST, cache=True)
@@ -402,12 +399,16 @@ def forward_train(x, weight, bias, running_mean, running_var, momentum, eps):
     The running buffers (or None) are updated in place with PyTorch's rule, computed in
     float64 like torch's CPU kernel; 3 passes over x: statistics, then read x, write y.
     """
-    vectors = dict(weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    N, C, HW = validate.validate_inputs(
-        x, *((k, v) for k, v in vectors.items() if v is not None), device=_DEVICE
+    N, C, HW = validate.validate_forward_args(
+        x,
+        eps,
+        _DEVICE,
+        True,
+        weight=weight,
+        bias=bias,
+        running_mean=running_mean,
+        running_var=running_var,
     )
-    F.validate_eps(eps)
-    F.validate_batch_size(x)
     k = _chunks(N)
     cnt, pmean, pm2 = np.zeros(k), np.zeros((k, C)), np.zeros((k, C))
     xf = x.detach().numpy().reshape(-1)
@@ -429,11 +430,16 @@ def forward_train(x, weight, bias, running_mean, running_var, momentum, eps):
 def forward_eval(x, running_mean, running_var, weight, bias, eps, relu: bool = False):
     """Eval forward from the running statistics: y = x * scale + shift, and optionally ReLU
     fused into the same pass (2 passes: read x, write y). Returns y, mean, invstd (float64)."""
-    vectors = dict(weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    _, C, HW = validate.validate_inputs(
-        x, *((k, v) for k, v in vectors.items() if v is not None), device=_DEVICE
+    _, C, HW = validate.validate_forward_args(
+        x,
+        eps,
+        _DEVICE,
+        False,
+        weight=weight,
+        bias=bias,
+        running_mean=running_mean,
+        running_var=running_var,
     )
-    F.validate_eps(eps)
     mean = running_mean.double().numpy().copy()  # a snapshot: the backward reads it later
     invstd = 1.0 / np.sqrt(running_var.double().numpy() + eps)
     y = _affine_into(x, C, HW, mean, invstd, weight, bias, relu)

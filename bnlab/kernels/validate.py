@@ -110,9 +110,20 @@ def validate_stats_args(x: Tensor, eps: float, device: Device) -> tuple[int, int
 
     Returns (N, C, HW).
     """
-    shape = validate_inputs(x, device=device)
+    return validate_forward_args(x, eps, device, training=True)
+
+
+def validate_forward_args(
+    x: Tensor, eps: float, device: Device, training: bool, **vectors: Tensor | None
+) -> tuple[int, int, int]:
+    """A fused forward: x (N, C, *) on ``device``, eps > 0, the given (C,) vectors like x
+    (None ones skipped), and in training more than one value per channel. (N, C, HW)."""
+    shape = validate_inputs(
+        x, *((k, v) for k, v in vectors.items() if v is not None), device=device
+    )
     F.validate_eps(eps)
-    F.validate_batch_size(x)
+    if training:
+        F.validate_batch_size(x)
     return shape
 
 

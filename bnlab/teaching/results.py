@@ -89,6 +89,12 @@ def record(key: str, value, what: str, text: str | None = None, table: str = "re
     return shown
 
 
+def save(data: dict, path: Path = STORE) -> None:
+    """Write the store: sorted keys, one figure per block, UTF-8 kept readable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+
+
 def write_figure(key: str, value, what: str, text: str, table: str, source: str,
                  path: Path = STORE) -> None:  # fmt: skip
     """Add or replace one figure in the store (callers decide whether this run records)."""
@@ -101,8 +107,7 @@ def write_figure(key: str, value, what: str, text: str, table: str, source: str,
         "source": source,
         "recorded": datetime.date.today().isoformat(),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    save(data, path)
 
 
 def duration(seconds: float) -> str:
@@ -182,7 +187,7 @@ def drop_source(source: str, path: Path = STORE) -> list[str]:
     for key in gone:
         del data["figures"][key]
     if gone:
-        path.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+        save(data, path)
     return gone
 
 
@@ -198,7 +203,7 @@ def prune(notebooks: list[Path], path: Path = STORE) -> list[str]:
     for key in stale:
         del data["figures"][key]
     if stale:
-        path.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+        save(data, path)
     return stale
 
 

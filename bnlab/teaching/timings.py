@@ -38,13 +38,19 @@ PASSED = re.compile(r"(\d+) passed")
 SIZE_GROUPS = {"torch": ["torch"], "CUDA libraries": ["nvidia"], "triton": ["triton"]}
 
 
-def machine() -> str:
-    """This machine in a few words: CPU model, cores, memory, GPU or none."""
-    model = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), or what ``platform`` knows."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M)
-        model = names[0].strip() if names else model
+        if names:
+            return names[0].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """This machine in a few words: CPU model, cores, memory, GPU or none."""
+    model = cpu_model()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpu = "a GPU" if shutil.which("nvidia-smi") else "no GPU"
     return f"{os.cpu_count()} cores of {model}, {memory:.0f} GiB, {gpu}"

@@ -52,3 +52,8 @@ def test_run_step_raises_with_the_output_when_make_fails(tmp_path, monkeypatch):
 def test_machine_names_cores_memory_and_gpu():
     text = timings.machine()
     assert "cores of" in text and "GiB" in text and "GPU" in text
+
+
+def test_cpu_model_is_the_one_machine_names():
+    model = timings.cpu_model()
+    assert model and f"of {model}," in timings.machine()
