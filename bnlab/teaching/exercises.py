@@ -195,6 +195,13 @@ def _results(got, n: int, what: str, flat: bool = False) -> tuple[Tensor | None,
     return torch.stack(parts), None
 
 
+def _call_results(fn: Callable, args: tuple, n: int, what: str, flat: bool = False):
+    """Call ``fn(*args)`` and read its n-tuple (:func:`_results`): (tensor, None), or
+    (None, the failing CheckResult) when the call raised or returned the wrong thing."""
+    got, error = _call(fn, *args)
+    return (None, error) if error is not None else _results(got, n, what, flat)
+
+
 def _first_failure(results: list[CheckResult], message: str) -> CheckResult:
     for result in results:
         if not result.passed:
@@ -215,9 +222,7 @@ def _per_channel_vector(t: Tensor, c: int) -> Tensor:
 def _per_channel_pair(fn: Callable, args: tuple, what: str, channels: int):
     """Call ``fn(*args)``, expect two per-channel vectors back; (stacked (2, C), None) or
     (None, the failing CheckResult)."""
-    got, error = _call(fn, *args)
-    if error is None:
-        got, error = _results(got, 2, what)
+    got, error = _call_results(fn, args, 2, what)
     if error is not None:
         return None, error
     return torch.stack([_per_channel_vector(g, channels) for g in got]), None
@@ -373,10 +378,7 @@ def check_merge(fn: Callable, tol: float = 1e-6) -> CheckResult:
     """
     a = _summary([1.0, 2.5, 4.0])
     b = _summary([6.0, 7.5, 5.0, 9.0, 8.0, 6.5, 7.0])
-    got, error = _call(fn, a, b)
-    if error is not None:
-        return error
-    got, error = _results(got, 3, "(count, mean, M2)", flat=True)
+    got, error = _call_results(fn, (a, b), 3, "(count, mean, M2)", flat=True)
     if error is not None:
         return error
     scale = _merged(a, b).abs()  # so that tol is relative
@@ -413,10 +415,7 @@ def _welford_run(variant: str | None = None) -> Tensor:
 
 
 def _welford_call(fn: Callable, state, x: float):
-    got, error = _call(fn, state, x)
-    if error is not None:
-        return None, error
-    return _results(got, 3, "the new (count, mean, M2)", flat=True)
+    return _call_results(fn, (state, x), 3, "the new (count, mean, M2)", flat=True)
 
 
 def check_welford_update(fn: Callable, tol: float = 1e-6) -> CheckResult:
@@ -501,10 +500,7 @@ _INTERVAL_CASES = (
 
 def _interval_case(fn: Callable, values: Tensor, confidence: float | None, tol: float):
     args = (values.clone(),) if confidence is None else (values.clone(), confidence)
-    got, error = _call(fn, *args)
-    if error is not None:
-        return error
-    got, error = _results(got, 2, "(mean, half_width)", flat=True)
+    got, error = _call_results(fn, args, 2, "(mean, half_width)", flat=True)
     if error is not None:
         return error
     confidence = 0.95 if confidence is None else confidence
@@ -660,10 +656,9 @@ def check_keras_to_torch(fn: Callable, tol: float = 1e-12) -> CheckResult:
     cases = ((0.99, 1e-3), (0.9, 1e-2))
     rows = []
     for momentum, epsilon in cases:
-        got, error = _call(fn, momentum, epsilon)
-        if error is not None:
-            return error
-        got, error = _results(got, 2, "(torch_momentum, torch_eps)", flat=True)
+        got, error = _call_results(
+            fn, (momentum, epsilon), 2, "(torch_momentum, torch_eps)", flat=True
+        )
         if error is not None:
             return error
         rows.append(got)
@@ -789,10 +784,7 @@ def check_scale_shift(fn: Callable, tol: float = 1e-6) -> CheckResult:
     bn is an eval-mode float64 BatchNorm2d(4) with eps 1e-3 and one running_var of 2e-4.
     """
     _conv, bn = _conv_bn(bias=False)
-    got, error = _call(fn, copy.deepcopy(bn))
-    if error is not None:
-        return error
-    got, error = _results(got, 2, "(scale, shift)")
+    got, error = _call_results(fn, (copy.deepcopy(bn),), 2, "(scale, shift)")
     if error is not None:
         return error
     variants = {
@@ -1078,10 +1070,9 @@ def check_merge_replica_stats(fn: Callable, tol: float = 1e-6) -> CheckResult:
     forward computes from the gathered statistics.
     """
     stats = _replica_stats()
-    got, error = _call(fn, [(n, m.clone(), v.clone()) for n, m, v in stats])
-    if error is not None:
-        return error
-    got, error = _results(got, 2, "(mean, var)")
+    got, error = _call_results(
+        fn, ([(n, m.clone(), v.clone()) for n, m, v in stats],), 2, "(mean, var)"
+    )
     if error is not None:
         return error
     variants = {
