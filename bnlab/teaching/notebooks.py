@@ -185,32 +185,62 @@ def _saved_widget_problems(state: dict[str, dict], model_id: str) -> list[str]:
     return found
 
 
-def _unchanged_since_commit(path: Path) -> bool:
-    """True when git says ``path`` equals its committed version (or there is no git)."""
+def trust_remedy(path: Path) -> str:
+    """What a learner does to trust a notebook bnlab would not sign: check it, then sign it."""
+    shown = path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path
+    return f"if you know where it comes from, trust it yourself: `.venv/bin/jupyter trust {shown}`"
+
+
+def _git(path: Path, *args: str) -> subprocess.CompletedProcess | None:
+    """``git -C <path's folder> args... <path's name>``; None when git cannot be run."""
     try:
-        done = subprocess.run(
-            ["git", "-C", str(path.parent), "diff", "--quiet", "HEAD", "--", path.name],
+        return subprocess.run(
+            ["git", "-C", str(path.parent), *args, "--", path.name],
             capture_output=True,
+            text=True,
             timeout=30,
         )
     except (OSError, subprocess.TimeoutExpired):
-        return True  # no git (a downloaded archive): the files are the course's own
-    return done.returncode == 0 or b"not a git repository" in done.stderr
+        return None
+
+
+def why_not_committed(path: Path) -> str | None:
+    """None when git tracks ``path`` and it equals its committed version; else the reason.
+
+    Both questions are needed: ``git diff HEAD`` is silent (exit 0) for a file git does not
+    track, so on its own it vouches for any notebook dropped into the folder.
+    """
+    tracked = _git(path, "ls-files", "--error-unmatch")
+    if tracked is None:
+        return "git is not available to check that it is the course's own"
+    if tracked.returncode != 0:
+        if "not a git repository" in tracked.stderr:
+            return "not in a git checkout, so bnlab cannot tell it is the course's own"
+        return "git does not track it"
+    same = _git(path, "diff", "--quiet", "HEAD")
+    if same is not None and same.returncode == 0:
+        return None
+    if same is not None and same.returncode == 1:
+        return "it differs from the committed version"
+    return "git cannot compare it with a committed version"  # e.g. added, no commit yet
 
 
 def trust(paths: list[Path], committed_only: bool = True) -> list[Path]:
     """Sign notebooks as trusted for this user (``jupyter trust``); returns those signed.
 
-    With ``committed_only``, a notebook that differs from its committed version is left as
-    it is: edits are the learner's, and JupyterLab signs what the learner saves anyway.
+    With ``committed_only``, only the course's own notebooks are signed: git tracks them and
+    they equal their committed version. Trusted notebooks run their saved HTML and
+    JavaScript, so anything else (an edited notebook, one dropped into the folder, every
+    notebook outside a git checkout) is left for the learner to trust after checking it.
     """
     from nbformat.sign import NotebookNotary
 
     notary = NotebookNotary()
     signed = []
     for path in paths:
-        if committed_only and not _unchanged_since_commit(path):
-            print(f"not signing {path.name}: it differs from the committed version")
+        why = why_not_committed(path) if committed_only else None
+        if why is not None:
+            print(f"not signing {path.name}: {why}; {trust_remedy(path)}")
             continue
         nb = nbformat.read(path, as_version=4)
         if not notary.check_signature(nb):

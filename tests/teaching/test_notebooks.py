@@ -119,26 +119,79 @@ def test_execution_counts_must_run_in_order():
     assert "execution counts" in notebooks.output_problems(nb)[0]
 
 
-def test_trust_signs_committed_notebooks_and_leaves_edited_ones(tmp_path, monkeypatch):
-    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "jupyter"))  # a fresh signature db
+def _git_repo(folder, monkeypatch):
+    """A git repository in ``folder``; git looks no further up than ``folder``'s parent."""
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(folder.parent))
+    folder.mkdir()
+    git = ["git", "-C", str(folder), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    return git
+
+
+@pytest.fixture
+def notary(tmp_path, monkeypatch):
+    """A fresh signature database, as a learner's first ``make setup`` sees it."""
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "jupyter"))
     from nbformat.sign import NotebookNotary
 
+    return NotebookNotary()
+
+
+def scripted(text: str) -> dict:
+    """A notebook whose stored output carries HTML with a script: what trust must not sign."""
+    html = nbformat.v4.new_output("display_data", {"text/html": f"<script>{text}</script>"})
+    return notebook(html)
+
+
+def test_trust_signs_committed_notebooks_and_leaves_edited_ones(tmp_path, monkeypatch, notary):
     repo = tmp_path / "repo"
-    repo.mkdir()
+    git = _git_repo(repo, monkeypatch)
     paths = [repo / "01_a.ipynb", repo / "02_b.ipynb"]
     for path in paths:
         nbformat.write(notebook(plain("1")), path)
-    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", "."], check=True)
     subprocess.run([*git, "commit", "-qm", "notebooks"], check=True)
     nbformat.write(notebook(plain("2")), paths[1])  # the learner's edit
     assert notebooks.trust(paths) == [paths[0]]
-    notary = NotebookNotary()
     assert notary.check_signature(nbformat.read(paths[0], as_version=4))
     assert not notary.check_signature(nbformat.read(paths[1], as_version=4))
     assert notebooks.trust(paths, committed_only=False) == paths
     assert notary.check_signature(nbformat.read(paths[1], as_version=4))
+
+
+def test_trust_never_signs_an_untracked_notebook(tmp_path, monkeypatch, notary, capsys):
+    """A notebook dropped into notebooks/ (from a peer, a download) is not the course's."""
+    repo = tmp_path / "repo"
+    git = _git_repo(repo, monkeypatch)
+    ours, dropped, staged = repo / "01_a.ipynb", repo / "02_x.ipynb", repo / "03_y.ipynb"
+    nbformat.write(notebook(plain("1")), ours)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "notebooks"], check=True)
+    nbformat.write(scripted("alert(1)"), dropped)
+    nbformat.write(scripted("alert(2)"), staged)
+    subprocess.run([*git, "add", staged.name], check=True)  # added, never committed
+    assert notebooks.trust([ours, dropped, staged]) == [ours]
+    for path in (dropped, staged):
+        assert not notary.check_signature(nbformat.read(path, as_version=4))
+    said = capsys.readouterr().out
+    assert "not signing 02_x.ipynb: git does not track it" in said
+    assert "not signing 03_y.ipynb" in said and "jupyter trust" in said
+
+
+@pytest.mark.parametrize("git_found", [True, False], ids=["no-checkout", "no-git-program"])
+def test_outside_a_git_checkout_nothing_is_signed(tmp_path, monkeypatch, notary, capsys, git_found):
+    """A downloaded archive: bnlab cannot tell the course's notebooks from others."""
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    if not git_found:
+        monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    folder = tmp_path / "download"
+    folder.mkdir()
+    path = folder / "01_a.ipynb"
+    nbformat.write(notebook(plain("1")), path)
+    assert notebooks.trust([path]) == []
+    assert not notary.check_signature(nbformat.read(path, as_version=4))
+    said = capsys.readouterr().out
+    assert "not signing 01_a.ipynb" in said and "jupyter trust" in said
 
 
 def test_a_progress_bar_stored_as_its_first_text_is_caught():
