@@ -73,12 +73,14 @@ chromium:
 				apt-get install -y -qq chromium >/dev/null; }; }
 
 # Re-execute every notebook in full mode, then store the metadata the installed ipykernel
-# writes and finished progress bars, and sign the results as trusted.
+# writes and finished progress bars, and sign the results as trusted. A notebook's figures
+# wait in a pending file and reach the results store together once it ran without error.
 notebooks: data
 	@for nb in $(NOTEBOOKS); do \
-		echo "== $$nb"; start=$$(date +%s); \
-		BNLAB_FAST=0 BNLAB_RECORD=1 $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
-			--ExecutePreprocessor.timeout=1800 "$$nb" || exit 1; \
+		echo "== $$nb"; start=$$(date +%s); pending=$$(mktemp); \
+		BNLAB_FAST=0 BNLAB_RECORD=1 BNLAB_RECORD_PENDING=$$pending $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
+			--ExecutePreprocessor.timeout=1800 "$$nb" || { rm -f $$pending; exit 1; }; \
+		$(PY) -m bnlab.teaching.results commit $$pending --source "$$(basename "$$nb" .ipynb)" || exit 1; \
 		secs=$$(( $$(date +%s) - start )); echo "   $$secs s"; \
 		$(PY) -m bnlab.teaching.results notebook-time "$$nb" $$secs; \
 	done

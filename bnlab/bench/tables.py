@@ -108,14 +108,30 @@ def fusion_section(quick: bool = False, threads: int | None = None) -> list[dict
 
 
 def record_figures(
+    machines: list[tuple[list[dict], dict]],
+    memory: list[dict],
+    fusion_rows: list[dict],
+    path: Path | None = None,
+) -> None:
+    """Put ``make bench``'s headline figures in the results store (bnlab.teaching.results).
+
+    They replace the whole "bench" set at once, when every figure is recorded (no figure
+    outlives its case); an error on the way leaves the store as it was. path: the store
+    (default: the course's).
+    """
+    from bnlab.teaching.results import STORE, recorded_together
+
+    with recorded_together("bench", path or STORE):
+        _record_each(machines, memory, fusion_rows)
+
+
+def _record_each(
     machines: list[tuple[list[dict], dict]], memory: list[dict], fusion_rows: list[dict]
 ) -> None:
-    """Put ``make bench``'s headline figures in the results store (bnlab.teaching.results)."""
     from bnlab.bench.folding import record_context_figures
     from bnlab.bench.memory import record_memory
-    from bnlab.teaching.results import drop_source, record
+    from bnlab.teaching.results import record
 
-    drop_source("bench")  # a full run replaces the whole set: no figure outlives its case
     for cases, facts in machines:
         cpu.record_cpu(cases, facts)
         found = cpu.goals(cases)

@@ -17,6 +17,17 @@ Schema of ``results/results.json`` (version 1)::
 In a notebook, :func:`record` also prints ``[result] <key> = <text>``, so the stored
 output carries each figure next to the cell that measured it.
 
+Writing survives crashes and concurrent runs. Every change holds an exclusive lock
+(``fcntl.flock`` on ``results/.results.json.lock``) from load to save, and the new store is
+written to a temporary file beside it, then moved over it (``os.replace``): a reader, or a
+run killed at any moment, sees the old store or the new one, never part of one. A run's
+figures reach the store together at its end: ``make notebooks`` gives each notebook a
+pending file (``BNLAB_RECORD_PENDING``) that :func:`record` appends to, and commits it only
+after the notebook ran without error (``python -m bnlab.teaching.results commit``);
+``make bench`` does the same in its own process (:func:`recorded_together`). A failed run
+leaves the store as it was. Without a pending file (a notebook run by hand with
+``BNLAB_RECORD=1``) each figure is written as it is recorded.
+
 Serves every notebook and ``make bench`` (`make test` checks the README against it).
 """
 
@@ -27,6 +38,10 @@ import datetime
 import json
 import os
 import re
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from bnlab.config import fast_mode
@@ -35,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STORE = ROOT / "results" / "results.json"
 README = ROOT / "README.md"
 RECORD_ENV = "BNLAB_RECORD"
+PENDING_ENV = "BNLAB_RECORD_PENDING"  # a run's pending file: record appends, commit stores
 SCHEMA = 1
 RESULT_LINE = re.compile(r"^\[result\] (\S+) = (.*)$", re.M)
 TABLES = {  # README tables, in order: (title, column heading of the row labels)
@@ -85,21 +101,93 @@ def record(key: str, value, what: str, text: str | None = None, table: str = "re
         raise ValueError("a recorded text must fit on one line")
     print(f"[result] {key} = {shown}")
     if recording():
-        write_figure(key, value, what, shown, table, source or _source_of(key), path)
+        entry = figure_entry(value, what, shown, table, source or _source_of(key))
+        pending = os.environ.get(PENDING_ENV)
+        if pending:  # a run that commits its figures together at its end
+            with open(pending, "a", encoding="utf-8") as f:
+                f.write(json.dumps([key, entry], ensure_ascii=False) + "\n")
+        else:
+            write_figures({key: entry}, path)
     return shown
 
 
+# ------------------------------------------------------------------ writing the store
+
+_IN_PROCESS = threading.RLock()  # flock does not order the threads of one process
+_HELD: set[str] = set()  # lock files this process holds: nested updates do not wait on themselves
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold the store's exclusive lock (re-entrant within this process).
+
+    ``flock`` on a lock file beside the store, not on the store itself, which os.replace
+    swaps for a new file; the kernel drops the lock when its holder exits or is killed.
+    """
+    import fcntl  # POSIX only; imported here so that reading the store needs none of it
+
+    lock = os.path.abspath(path.with_name(f".{path.name}.lock"))
+    with _IN_PROCESS:
+        if lock in _HELD:
+            yield
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            _HELD.add(lock)
+            try:
+                yield
+            finally:
+                _HELD.discard(lock)
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then move it over ``path``.
+
+    Called under the lock, so any temporary file already there is a killed writer's.
+    """
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.chmod(tmp, mode)  # mkstemp creates 0600; keep the store readable as it was
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def save(data: dict, path: Path = STORE) -> None:
-    """Write the store: sorted keys, one figure per block, UTF-8 kept readable."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    """Write the store whole (see the module docstring): sorted keys, one figure per block,
+    UTF-8 kept readable; under the lock, through a temporary file and ``os.replace``."""
+    text = json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+    with _locked(path):
+        _replace(path, text)
 
 
-def write_figure(key: str, value, what: str, text: str, table: str, source: str,
-                 path: Path = STORE) -> None:  # fmt: skip
-    """Add or replace one figure in the store (callers decide whether this run records)."""
-    data = load(path)
-    data["figures"][key] = {
+@contextmanager
+def updating(path: Path = STORE) -> Iterator[dict]:
+    """The store, loaded under the lock and saved when the block ends without an error.
+
+    The lock is held from load to save, so a concurrent writer's figures are never lost;
+    an exception inside the block leaves the file as it was.
+    """
+    with _locked(path):
+        data = load(path)
+        before = json.dumps(data, sort_keys=True)
+        yield data
+        if json.dumps(data, sort_keys=True) != before:
+            save(data, path)
+
+
+def figure_entry(value, what: str, text: str, table: str, source: str) -> dict:
+    """One figure as the store keeps it (see the schema in the module docstring)."""
+    return {
         "table": table,
         "what": what,
         "text": text,
@@ -107,7 +195,92 @@ def write_figure(key: str, value, what: str, text: str, table: str, source: str,
         "source": source,
         "recorded": datetime.date.today().isoformat(),
     }
-    save(data, path)
+
+
+def write_figures(
+    figures: dict[str, dict], path: Path = STORE, replace_source: str | None = None
+) -> list[str]:
+    """Add or replace figures (``key -> figure``) in one locked update.
+
+    replace_source: also drop that source's figures that are not among ``figures`` (a run
+    that replaces its whole set). Returns the keys dropped.
+    """
+    with updating(path) as data:
+        gone = [
+            k
+            for k, f in data["figures"].items()
+            if replace_source is not None and f["source"] == replace_source and k not in figures
+        ]
+        for key in gone:
+            del data["figures"][key]
+        data["figures"].update(figures)
+    return gone
+
+
+def write_figure(key: str, value, what: str, text: str, table: str, source: str,
+                 path: Path = STORE) -> None:  # fmt: skip
+    """Add or replace one figure in the store (callers decide whether this run records)."""
+    write_figures({key: figure_entry(value, what, text, table, source)}, path)
+
+
+def read_pending(pending: Path) -> dict[str, dict]:
+    """``key -> figure`` of a run's pending file (JSON lines ``[key, figure]``, later wins).
+
+    A missing file is a run that recorded nothing; a line that does not parse raises
+    ValueError naming the file (a writer killed mid-line: that run must not be committed).
+    """
+    if not pending.is_file():
+        return {}
+    figures = {}
+    for number, line in enumerate(pending.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            key, figure = json.loads(line)
+        except ValueError as err:
+            raise ValueError(
+                f"{pending}, line {number}, is not a recorded figure ({err}); the run that wrote "
+                "it did not finish: run it again rather than commit it"
+            ) from err
+        figures[key] = figure
+    return figures
+
+
+def commit(pending: Path, source: str, path: Path = STORE) -> list[str]:
+    """Store a finished run's figures at once, as the whole set of ``source``; delete ``pending``.
+
+    pending: the file :func:`record` appended to during the run (``BNLAB_RECORD_PENDING``);
+    source: the run's notebook stem (``"05_lenet"``) or ``"bench"``. Figures of ``source``
+    that the run did not record are dropped (returned): no figure outlives what measured it.
+    """
+    gone = write_figures(read_pending(pending), path, replace_source=source)
+    pending.unlink(missing_ok=True)
+    return gone
+
+
+@contextmanager
+def recorded_together(source: str, path: Path = STORE) -> Iterator[None]:
+    """Figures recorded inside the block reach the store together when it ends.
+
+    They replace every figure of ``source`` (see :func:`commit`); when the block raises, the
+    store stays as it was. Does nothing special unless this run records (:func:`recording`).
+    """
+    if not recording():
+        yield
+        return
+    fd, name = tempfile.mkstemp(prefix="bnlab-results-", suffix=".jsonl")
+    os.close(fd)
+    previous = os.environ.get(PENDING_ENV)
+    os.environ[PENDING_ENV] = name
+    try:
+        yield
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    finally:
+        if previous is None:
+            os.environ.pop(PENDING_ENV, None)
+        else:
+            os.environ[PENDING_ENV] = previous
+    commit(Path(name), source, path)
 
 
 def duration(seconds: float) -> str:
@@ -178,32 +351,30 @@ def notebook_results(path: Path) -> dict[str, str]:
 
 
 def drop_source(source: str, path: Path = STORE) -> list[str]:
-    """Remove every figure of ``source`` (e.g. "bench" before a full benchmark run records
-    its new set), only while recording; returns the keys removed."""
+    """Remove every figure of ``source``, only while recording; returns the keys removed.
+
+    A run that replaces its whole set commits it instead (:func:`recorded_together`).
+    """
     if not recording():
         return []
-    data = load(path)
-    gone = [k for k, f in data["figures"].items() if f["source"] == source]
-    for key in gone:
-        del data["figures"][key]
-    if gone:
-        save(data, path)
+    with updating(path) as data:
+        gone = [k for k, f in data["figures"].items() if f["source"] == source]
+        for key in gone:
+            del data["figures"][key]
     return gone
 
 
 def prune(notebooks: list[Path], path: Path = STORE) -> list[str]:
     """Drop the figures of these just-executed notebooks that their outputs no longer show."""
-    data = load(path)
-    stale = []
-    for notebook in notebooks:
-        shown = notebook_results(notebook)
-        stale += [
-            k for k, f in data["figures"].items() if f["source"] == notebook.stem and k not in shown
+    shown = {notebook.stem: notebook_results(notebook) for notebook in notebooks}
+    with updating(path) as data:
+        stale = [
+            k
+            for k, f in data["figures"].items()
+            if f["source"] in shown and k not in shown[f["source"]]
         ]
-    for key in stale:
-        del data["figures"][key]
-    if stale:
-        save(data, path)
+        for key in stale:
+            del data["figures"][key]
     return stale
 
 
@@ -211,28 +382,37 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bnlab.teaching.results", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("command", choices=["readme", "show", "notebook-time", "prune"])
+    parser.add_argument("command", choices=["readme", "show", "notebook-time", "prune", "commit"])
     parser.add_argument(
-        "args", nargs="*", help="notebook-time: a notebook and its seconds; prune: notebooks"
+        "args",
+        nargs="*",
+        help="notebook-time: a notebook and its seconds; prune: notebooks; commit: a pending file",
     )
+    parser.add_argument("--source", help="commit: the run's notebook stem, or bench")
+    parser.add_argument("--store", type=Path, default=STORE, help="default: %(default)s")
     args = parser.parse_args(argv)
-    if args.command == "prune":
-        for key in prune([Path(a) for a in args.args]):
+    if args.command == "commit":
+        if len(args.args) != 1 or not args.source:
+            parser.error("commit takes one pending file and --source (e.g. --source 05_lenet)")
+        for key in commit(Path(args.args[0]), args.source, args.store):
+            print(f"dropped {key}: {args.source} no longer records it")
+    elif args.command == "prune":
+        for key in prune([Path(a) for a in args.args], args.store):
             print(f"dropped {key}: its notebook no longer records it")
     elif args.command == "notebook-time":
         notebook, seconds = Path(args.args[0]), float(args.args[1])
         what = f"`make notebooks`: {notebook.stem} in full mode"
         key = f"timing.notebook.{notebook.stem}"
-        write_figure(key, seconds, what, duration(seconds), "timings", "timings")
+        write_figure(key, seconds, what, duration(seconds), "timings", "timings", args.store)
     elif args.command == "readme":
-        changed = write_readme()
+        changed = write_readme(load(args.store))
         print(
             "README.md results "
             + ("regenerated from" if changed else "already match")
-            + f" {STORE.relative_to(ROOT)}"
+            + f" {args.store.relative_to(ROOT) if args.store.is_relative_to(ROOT) else args.store}"
         )
     else:
-        print(render(load()))
+        print(render(load(args.store)))
     return 0
 
 

@@ -119,10 +119,15 @@ def main(argv: list[str] | None = None) -> int:
             text = describe(target, seconds, output, clone)
             print(f"  {text}", flush=True)
             measured[f"timing.{list(STEPS).index(target)}-{target}"] = (seconds, target, text)
-    for key, (seconds, target, text) in measured.items():
-        results.write_figure(key, round(seconds), STEPS[target], text, "timings", "timings")
+    figures = {
+        key: results.figure_entry(round(seconds), STEPS[target], text, "timings", "timings")
+        for key, (seconds, target, text) in measured.items()
+    }
     about = f"measured from a fresh clone on {machine()}"
-    results.write_figure("timing.0-machine", machine(), "machine", about, "timings", "timings")
+    figures["timing.0-machine"] = results.figure_entry(
+        machine(), "machine", about, "timings", "timings"
+    )
+    results.write_figures(figures)  # one update: all of this run's timings, or none
     results.write_readme()
     return 0
 

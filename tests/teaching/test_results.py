@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -114,3 +115,126 @@ def test_drop_source_removes_a_sources_figures_only_while_recording(tmp_path, mo
     monkeypatch.setenv(results.RECORD_ENV, "1")
     assert results.drop_source("bench", store) == ["bench.old"]
     assert set(results.load(store)["figures"]) == {"05.kept"}
+
+
+# -------------------------------------------------------- writing: atomic, locked, a run at once
+
+
+def _figure(n: int = 0) -> dict:
+    return {"table": "results", "what": f"figure {n}", "text": str(n), "value": n,
+            "source": "05_lenet", "recorded": "2025-01-01"}  # fmt: skip
+
+
+def _big_store(path) -> dict:
+    """A store whose write takes a while (a long text), so that kills land inside writes."""
+    figure = dict(_figure(), value="x" * 200_000)
+    data = {"schema": results.SCHEMA, "figures": {"05.padding": figure}}
+    results.save(data, path)
+    return data
+
+
+def _in_child(target, *args):
+    """Run ``target(*args)`` in a forked child (instant: no interpreter to start)."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("fork").Process(target=target, args=args, daemon=True)
+    child.start()
+    return child
+
+
+def _write_figures(path, prefix: str, count: int) -> None:
+    for n in range(count):
+        results.write_figure(f"05.{prefix}.{n}", n, f"figure {n}", str(n), "results", "05_lenet",
+                             path)  # fmt: skip
+
+
+def test_save_replaces_the_file_whole_and_leaves_nothing_beside_it(tmp_path):
+    store = tmp_path / "results" / "results.json"
+    results.save({"schema": results.SCHEMA, "figures": {"05.a": _figure()}}, store)
+    inode = store.stat().st_ino
+    results.write_figure("05.b", 1, "b", "1", "results", "05_lenet", store)
+    assert store.stat().st_ino != inode, "the store was rewritten in place, not replaced"
+    assert set(results.load(store)["figures"]) == {"05.a", "05.b"}
+    stray = [p.name for p in store.parent.iterdir() if p.name != "results.json"]
+    assert all(name.endswith(".lock") for name in stray), stray
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    store = tmp_path / "results.json"
+    writers = [_in_child(_write_figures, store, f"w{i}", 80) for i in range(3)]
+    for child in writers:
+        child.join(120)
+        assert child.exitcode == 0, "a writer crashed (a half-written store read back?)"
+    figures = results.load(store)["figures"]
+    lost = [f"05.w{i}.{n}" for i in range(3) for n in range(80) if f"05.w{i}.{n}" not in figures]
+    assert not lost, f"{len(lost)} of 240 figures lost, e.g. {lost[:3]}"
+    assert len(figures) == 240
+
+
+def _write_forever(path) -> None:
+    n = 0
+    while True:
+        results.write_figure(f"05.loop.{n % 50}", n, "loop", str(n), "results", "05_lenet", path)
+        n += 1
+
+
+def test_a_writer_killed_at_random_moments_never_leaves_unreadable_json(tmp_path):
+    import random
+    import signal
+    import time
+
+    store = tmp_path / "results.json"
+    before = _big_store(store)
+    rng = random.Random(0)
+    for _kill in range(12):  # a dozen kills, each at a random moment of a busy writer
+        child = _in_child(_write_forever, store)
+        time.sleep(rng.uniform(0.02, 0.3))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        figures = results.load(store)["figures"]  # raises on a truncated file
+        assert set(before["figures"]) <= set(figures)
+    results.write_figure(
+        "05.after", 1, "after", "1", "results", "05_lenet", store
+    )  # not locked out
+    assert not list(tmp_path.glob("*.tmp")), "a killed writer's temporary file was left behind"
+
+
+def test_a_runs_figures_reach_the_store_together_at_its_end(tmp_path, monkeypatch):
+    """make notebooks: record appends to the run's pending file; commit replaces its set."""
+    store = tmp_path / "results.json"
+    other = dict(_figure(3), source="08_claims")
+    figures = {"05.old": _figure(1), "05.kept": _figure(2), "08.other": other}
+    results.save({"schema": results.SCHEMA, "figures": figures}, store)
+    pending = tmp_path / "pending.jsonl"
+    monkeypatch.setenv(results.RECORD_ENV, "1")
+    monkeypatch.setenv("BNLAB_FAST", "0")
+    monkeypatch.setenv(results.PENDING_ENV, str(pending))
+    results.record("05.kept", 20, "kept", path=store)
+    results.record("05.new", 30, "new", path=store)
+    assert set(results.load(store)["figures"]) == {"05.old", "05.kept", "08.other"}  # untouched
+    assert (
+        results.main(["commit", str(pending), "--source", "05_lenet", "--store", str(store)]) == 0
+    )
+    figures = results.load(store)["figures"]
+    assert set(figures) == {"05.kept", "05.new", "08.other"}  # 05.old: no longer recorded
+    assert figures["05.kept"]["value"] == 20 and not pending.exists()
+
+
+def test_a_failed_run_leaves_the_store_as_it_was(tmp_path, monkeypatch):
+    store = tmp_path / "results.json"
+    figures = {"bench.a": dict(_figure(), source="bench")}
+    results.save({"schema": results.SCHEMA, "figures": figures}, store)
+    before = store.read_bytes()
+    monkeypatch.setenv(results.RECORD_ENV, "1")
+    monkeypatch.setenv("BNLAB_FAST", "0")
+    with pytest.raises(RuntimeError, match="the run failed"):
+        with results.recorded_together("bench", store):
+            results.record("bench.b", 1, "b", table="bench", path=store)
+            raise RuntimeError("the run failed")
+    assert store.read_bytes() == before
+    assert results.PENDING_ENV not in os.environ
+    with results.recorded_together("bench", store):
+        results.record("bench.b", 1, "b", table="bench", path=store)
+        results.record("bench.c", 2, "c", table="bench", path=store)
+        assert store.read_bytes() == before  # nothing is written before the run's end
+    assert set(results.load(store)["figures"]) == {"bench.b", "bench.c"}
