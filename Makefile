@@ -1,5 +1,7 @@
 # bnlab course: every target sets up what it needs on first use.
 PYTHON ?= python3
+# pyproject.toml's requires-python (a test checks that they agree)
+PYTHON_MIN := 3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # torch and its matching torchvision, installed before the package so that pip does
@@ -23,12 +25,34 @@ IS_ROOT := $(filter 0,$(shell id -u))
 setup: $(VENV)/.installed
 	@$(PY) -m bnlab.teaching.notebooks trust
 
+# .installed holds the TORCH_PKGS it installed: another value, or a venv whose python is
+# gone (a system upgrade removes the Python it links to), installs again.
+ifneq ($(shell cat $(VENV)/.installed 2>/dev/null),$(strip $(TORCH_PKGS)))
+.PHONY: $(VENV)/.installed
+endif
+ifeq ($(wildcard $(PY)),)
+.PHONY: $(VENV)/.installed
+endif
+
+# A venv whose python or pip does not run (an interrupted build) is made again, and only
+# after $(PYTHON) passed the version check: nothing is created for a Python too old.
+comma := ,
+VENV_WORKS = $(PY) -c 'import sys; sys.exit(sys.version_info < ($(subst .,$(comma),$(PYTHON_MIN)),))' \
+	>/dev/null 2>&1 && $(PY) -m pip --version >/dev/null 2>&1
+CHECK_PYTHON = found=$$($(PYTHON) -c 'import sys; print("%d.%d.%d" % sys.version_info[:3]); \
+	sys.exit(sys.version_info < ($(subst .,$(comma),$(PYTHON_MIN)),))' 2>/dev/null) || { \
+	echo "error: the course needs Python $(PYTHON_MIN) or newer, and $(PYTHON)" \
+		"$$(if [ -n "$$found" ]; then echo "is Python $$found"; else echo "was not found"; fi)." \
+		"Choose another with PYTHON, e.g. make setup PYTHON=python3.12 (nothing was installed)." >&2; \
+	exit 1; }
+
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(VENV_WORKS) || { $(CHECK_PYTHON); echo "creating $(VENV) with $(PYTHON) ..."; \
+		rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PKGS)
 	$(PY) -m pip install -q -e ".[course,dev]"
-	touch $@
+	echo '$(strip $(TORCH_PKGS))' > $@
 
 # Fashion-MNIST: the offline places, else Debian's package (as root), else a download with
 # a timeout; exits non-zero with the remedies when all fail.

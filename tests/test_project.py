@@ -199,3 +199,91 @@ def test_the_bn_math_imports_without_the_course_extras():
 def test_setup_installs_the_extras_the_course_needs():
     text = (ROOT / "Makefile").read_text()
     assert '-e ".[course,dev]"' in text
+
+
+# ------------------------------------------------------------------ make setup checks first
+# The Makefile's setup runs here with stand-ins for the system Python and the venv's Python,
+# which log what they are asked to do: nothing is created or installed for real.
+
+FAKE_SYSTEM_PYTHON = """#!/bin/sh
+# A Python {version} stand-in: answers the version check, creates a stand-in venv.
+case "$1" in
+  -c) echo {version}; [ {ok} = yes ] ;;
+  -m) echo "create $3" >> calls.log; mkdir -p "$3/bin" && cp venv-python "$3/bin/python" ;;
+esac
+"""
+FAKE_VENV_PYTHON = """#!/bin/sh
+# The venv's Python: pip fails when the venv holds a file named broken-pip.
+here=$(dirname "$0")/..
+case "$*" in
+  "-m pip --version") [ ! -e "$here/broken-pip" ] ;;
+  -m\\ pip\\ install*) echo "$*" >> calls.log ;;
+esac
+"""
+
+
+def _make_setup(folder: Path, python: str, **variables: str) -> tuple[int, str, list[str]]:
+    """`make setup` in ``folder`` with these stand-ins: (exit code, output, calls logged)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE") and k != "MFLAGS"}
+    log = folder / "calls.log"
+    log.unlink(missing_ok=True)
+    args = [f"PYTHON={python}", "VENV=venv", *(f"{k}={v}" for k, v in variables.items())]
+    command = ["make", "-s", "-f", str(ROOT / "Makefile"), "setup", *args]
+    done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=60)
+    calls = log.read_text().splitlines() if log.exists() else []
+    return done.returncode, done.stdout + done.stderr, calls
+
+
+@pytest.fixture
+def setup_folder(tmp_path):
+    """A folder with pyproject.toml and the two Python stand-ins (3.9.2 and 3.12.1)."""
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    for name, text in {
+        "python3.9": FAKE_SYSTEM_PYTHON.format(version="3.9.2", ok="no"),
+        "python3.12": FAKE_SYSTEM_PYTHON.format(version="3.12.1", ok="yes"),
+        "venv-python": FAKE_VENV_PYTHON,
+    }.items():
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)
+    return tmp_path
+
+
+def test_make_setup_checks_the_python_version_before_creating_anything(setup_folder):
+    code, said, calls = _make_setup(setup_folder, "./python3.9")
+    assert code != 0 and calls == [] and not (setup_folder / "venv").exists()
+    assert "Python 3.11 or newer" in said and "3.9.2" in said, said
+    assert "make setup PYTHON=python3.12" in said
+    code, said, calls = _make_setup(setup_folder, "./no-such-python")
+    assert code != 0 and "./no-such-python was not found" in said and calls == []
+
+
+def test_a_venv_whose_pip_does_not_work_is_rebuilt(setup_folder):
+    venv = setup_folder / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (setup_folder / "venv-python").replace(venv / "bin" / "python")  # a half-built venv
+    (setup_folder / "venv" / "broken-pip").touch()
+    (setup_folder / "venv-python").write_text(FAKE_VENV_PYTHON)
+    (setup_folder / "venv-python").chmod(0o755)
+    code, said, calls = _make_setup(setup_folder, "./python3.12")
+    assert code == 0, said
+    assert calls[0] == "create venv" and not (venv / "broken-pip").exists()
+    assert any("pip install -q torch==" in c for c in calls), calls
+
+
+def test_setup_installs_again_when_torch_pkgs_change(setup_folder):
+    assert _make_setup(setup_folder, "./python3.12")[0] == 0
+    code, said, calls = _make_setup(setup_folder, "./python3.12")
+    assert code == 0 and calls == [], calls  # nothing changed: nothing to do
+    other = "torch==2.5.1 torchvision==0.20.1"
+    code, said, calls = _make_setup(setup_folder, "./python3.12", TORCH_PKGS=other)
+    assert code == 0 and f"-m pip install -q {other}" in calls, calls
+    assert "create venv" not in calls  # the venv works: it is kept
+    assert _make_setup(setup_folder, "./python3.9", TORCH_PKGS=other)[2] == []  # done already
+
+
+def test_the_makefiles_python_check_is_pyprojects_requires_python():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    minimum = re.search(r"^PYTHON_MIN := (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert meta["requires-python"] == f">={minimum}"
