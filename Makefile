@@ -86,15 +86,25 @@ test-notebooks: data
 test-browser: setup chromium
 	$(PY) -m pytest -q tests/browser
 
+# apt-get, bounded: it waits at most 60 s for another apt's lock, and the target's apt-get
+# calls together get APT_TIMEOUT seconds; `timeout` stops each with its whole process group
+# (apt-get and the dpkg it started), TERM first and KILL 10 s later.
+APT_TIMEOUT ?= 300
 chromium:
 	@command -v chromium >/dev/null || { \
 		test -n "$(IS_ROOT)" && command -v apt-get >/dev/null || { \
 			echo "error: Chromium is missing; install Debian's: sudo apt install chromium"; \
 			exit 1; }; \
 		echo "installing Debian's chromium with apt-get ..."; \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || { \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-				apt-get install -y -qq chromium >/dev/null; }; }
+		end=$$(( $$(date +%s) + $(APT_TIMEOUT) )); \
+		apt_get() { left=$$(( end - $$(date +%s) )); test $$left -gt 0 && \
+			DEBIAN_FRONTEND=noninteractive timeout -k 10 $$left \
+			apt-get -o DPkg::Lock::Timeout=60 "$$@" >/dev/null; }; \
+		apt_get install -y -qq chromium || { apt_get update -qq && apt_get install -y -qq chromium; } || { \
+			echo "error: apt-get did not install chromium: it failed (see above) or ran out of its" \
+				"$(APT_TIMEOUT) s (APT_TIMEOUT). If it was stopped while installing, sudo dpkg" \
+				"--configure -a finishes what dpkg began; or install it: sudo apt install chromium"; \
+			exit 1; }; }
 
 # Re-execute every notebook in full mode, then store the metadata the installed ipykernel
 # writes and finished progress bars, and sign the results as trusted. A notebook's figures

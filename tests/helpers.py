@@ -53,3 +53,55 @@ PROPERTY_SETTINGS = settings(settings.get_profile(os.environ.get("HYPOTHESIS_PRO
 # representative subset in `make test` and all of their cases in `make test-deep`.
 DEEP = os.environ.get("HYPOTHESIS_PROFILE") == "deep"
 deep_only = pytest.mark.skipif(not DEEP, reason="runs in make test-deep (HYPOTHESIS_PROFILE=deep)")
+
+
+# apt-get is never run for real: a stand-in logs its arguments to <folder>/log. "install"
+# fails until "update" ran; with <folder>/hang present it starts a child (as apt-get starts
+# dpkg), writes both pids to <folder>/pids and both wait, logging "finished" if not stopped.
+FAKE_APT_GET = """#!/bin/sh
+echo "$*" >> "$FAKE_APT_DIR/log"
+if [ -e "$FAKE_APT_DIR/hang" ]; then
+  echo $$ >> "$FAKE_APT_DIR/pids"
+  sleep 60 &
+  echo $! >> "$FAKE_APT_DIR/pids"
+  wait
+  echo finished >> "$FAKE_APT_DIR/log"
+  exit 0
+fi
+case "$*" in
+  *update*) : > "$FAKE_APT_DIR/updated" ;;
+  *install*) [ -e "$FAKE_APT_DIR/updated" ] || {
+    echo "E: Unable to locate package" >&2; exit 100; } ;;
+esac
+"""
+
+
+def fake_apt_get(folder) -> dict[str, str]:
+    """Write the apt-get stand-in into ``folder``; the environment variable it reads."""
+    (folder / "apt-get").write_text(FAKE_APT_GET)
+    (folder / "apt-get").chmod(0o755)
+    return {"FAKE_APT_DIR": str(folder)}
+
+
+def apt_calls(folder) -> list[str]:
+    """The argument lines the apt-get stand-in in ``folder`` logged, in order."""
+    log = folder / "log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def gone(pids: list[int], wait: float = 5.0) -> bool:
+    """Whether every pid has exited (zombies count as gone), waiting up to ``wait`` seconds."""
+    import time
+
+    import psutil
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    end = time.monotonic() + wait
+    while any(alive(pid) for pid in pids) and time.monotonic() < end:
+        time.sleep(0.05)
+    return not any(alive(pid) for pid in pids)

@@ -287,3 +287,44 @@ def test_the_makefiles_python_check_is_pyprojects_requires_python():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     minimum = re.search(r"^PYTHON_MIN := (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
     assert meta["requires-python"] == f">={minimum}"
+
+
+# ------------------------------------------------------------------ make chromium: bounded apt
+def _make_chromium(tmp_path: Path, **variables: str) -> tuple[int, str, list[str]]:
+    """`make chromium` as root, with no chromium and apt-get's stand-in on the PATH."""
+    import os
+    import shutil
+
+    from helpers import apt_calls, fake_apt_get
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE") and k != "MFLAGS"}
+    env.update(fake_apt_get(bin_dir), PATH=str(bin_dir))
+    for tool in ("timeout", "sleep", "date", "cat", "id"):  # and nothing else: no chromium
+        if not (bin_dir / tool).exists():
+            (bin_dir / tool).symlink_to(shutil.which(tool))
+    args = ["IS_ROOT=0", *(f"{k}={v}" for k, v in variables.items())]
+    command = [shutil.which("make"), "-s", "-f", str(ROOT / "Makefile"), "chromium", *args]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    return done.returncode, done.stdout + done.stderr, apt_calls(bin_dir)
+
+
+def test_make_chromium_waits_for_apts_lock_60_s_and_refreshes_the_lists_once(tmp_path):
+    code, said, calls = _make_chromium(tmp_path)
+    assert code == 0, said
+    lock = "-o DPkg::Lock::Timeout=60"
+    install = f"{lock} install -y -qq chromium"
+    assert calls == [install, f"{lock} update -qq", install]
+
+
+def test_make_chromium_stops_apt_and_its_children_when_time_is_up(tmp_path):
+    from helpers import gone
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "hang").touch()
+    code, said, calls = _make_chromium(tmp_path, APT_TIMEOUT="1")
+    assert code != 0 and "ran out of its 1 s" in said and "dpkg --configure -a" in said, said
+    pids = [int(p) for p in (tmp_path / "bin" / "pids").read_text().split()]
+    assert len(pids) == 2 and gone(pids), "apt-get or its child outlived the timeout"
+    assert calls == ["-o DPkg::Lock::Timeout=60 install -y -qq chromium"]

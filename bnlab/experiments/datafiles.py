@@ -8,15 +8,19 @@ The dataset class, its file names, MD5 sums and mirror come from
 2. the repository's git-ignored ``data/`` cache (where a download goes),
 3. ``/usr/share/datasets/fashion-mnist`` (Debian/Ubuntu package ``dataset-fashion-mnist``).
 
-Found files are read in place (no copy), after their MD5 sums are checked. A download goes
-to a temporary folder first and is moved into the cache only once its MD5 is right, so a
-failed or interrupted download never leaves a partial file behind.
+Found files are read in place (no copy), after their MD5 and SHA-256 sums are checked. A
+download goes to a temporary folder first and is moved into the cache only once its sums are
+right, so a failed or interrupted download never leaves a partial file behind (and the
+folder of one killed mid-way is removed by the next ``make data``).
 
 ``python -m bnlab.data`` (``make data``, which ``make test`` and ``make lab`` run first) goes
 further, in this order: the places above; Debian's package, installed with ``apt-get`` where
 that is possible (root, apt-get present); torchvision's download, every network operation
 bounded by a timeout (torchvision's downloader sets none, and an offline machine must not
-hang). If all three fail it prints one message naming the remedies and exits with 1.
+hang). The whole step has one deadline (:data:`DATA_DEADLINE`): apt-get waits at most a
+minute for another apt's lock, runs in its own process group and is stopped with every
+process it started when its share of the time is spent. If all three fail it prints one
+message naming the remedies and exits with 1.
 
 The tensors and loaders built from these files are :mod:`bnlab.experiments.data`.
 torchvision is imported on first use, not with this module: it adds about a second to
@@ -29,11 +33,13 @@ import gzip
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -50,6 +56,11 @@ DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
 # Seconds any one network operation (connect, read) of a download may take.
 DOWNLOAD_TIMEOUT = 30.0
+# Seconds the whole data step (apt-get, then a download) may take, and apt-get's share.
+DATA_DEADLINE = 600.0
+APT_TIMEOUT = 300.0
+# apt-get waits this long for another apt's lock (dpkg's frontend lock) before giving up.
+APT_LOCK_TIMEOUT = 60
 # torchvision's FashionMNIST.classes, spelled out so that importing needs no torchvision
 # (tests/experiments/test_datafiles.py checks that the two agree).
 CLASSES: list[str] = [
@@ -107,6 +118,31 @@ _CONTENT_MD5 = {
 }
 
 
+def content_sha256_table() -> dict[str, str]:
+    """File name -> SHA-256 of the four files' decompressed content (beside the MD5 sums).
+
+    Computed from Debian's ``dataset-fashion-mnist`` files, whose contents have the MD5 sums
+    of :func:`content_md5_table`: the same bytes as torchvision's download.
+    """
+    return dict(_CONTENT_SHA256)
+
+
+_CONTENT_SHA256 = {  # sha256sum of the decompressed files
+    "train-images-idx3-ubyte.gz": (
+        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"
+    ),
+    "train-labels-idx1-ubyte.gz": (
+        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"
+    ),
+    "t10k-images-idx3-ubyte.gz": (
+        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"
+    ),
+    "t10k-labels-idx1-ubyte.gz": (
+        "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"
+    ),
+}
+
+
 def search_dirs() -> list[Path]:
     """Directories searched for the raw ``.gz`` files, in order (see the module docstring)."""
     roots = [_cache_root()] + ([REPO_CACHE] if os.environ.get(ENV_VAR) else [])
@@ -124,7 +160,8 @@ def file_md5(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def verify_file(path: Path) -> None:
-    """Check one raw ``.gz`` file: its MD5 is torchvision's, or its content's MD5 is known.
+    """Check one raw ``.gz`` file: the SHA-256 of its content is the pinned one, and its MD5
+    is torchvision's or its content's MD5 is known.
 
     Raises DataError naming the file when it is corrupt, truncated or not gzip at all.
     """
@@ -133,18 +170,24 @@ def verify_file(path: Path) -> None:
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, md5_table()[name])
     if key in _VERIFIED:  # hashing 26 MB takes a while: once per file per process
         return
-    if file_md5(path) == md5_table()[name]:
-        _VERIFIED.add(key)
-        return
     try:
         with gzip.open(path, "rb") as f:
-            actual = hashlib.md5(f.read()).hexdigest()
-        problem = f"content MD5 {actual}, expected {content_md5_table()[name]}"
+            content = f.read()
     except (OSError, EOFError) as err:  # EOFError: a truncated gzip stream
-        actual, problem = None, f"cannot be decompressed: {err}"
-    if actual == content_md5_table()[name]:
-        _VERIFIED.add(key)
-        return
+        problem = f"cannot be decompressed: {err}"
+    else:
+        sha256 = hashlib.sha256(content).hexdigest()
+        md5_ok = file_md5(path) == md5_table()[name]
+        md5_ok = md5_ok or hashlib.md5(content).hexdigest() == content_md5_table()[name]
+        if sha256 == content_sha256_table()[name] and md5_ok:
+            _VERIFIED.add(key)
+            return
+        problem = (
+            f"content SHA-256 {sha256}, expected {content_sha256_table()[name]}"
+            if md5_ok
+            else f"content MD5 {hashlib.md5(content).hexdigest()}, expected "
+            f"{content_md5_table()[name]}"
+        )
     raise DataError(
         f"Fashion-MNIST file {path} is corrupt or truncated ({path.stat().st_size} bytes; "
         f"{problem}). Delete it and run `make data` again, reinstall "
@@ -188,17 +231,22 @@ def _network_timeout(seconds: float):
         socket.setdefaulttimeout(previous)
 
 
-def download(dest: Path | None = None, timeout: float = DOWNLOAD_TIMEOUT) -> Path:
+def download(
+    dest: Path | None = None, timeout: float = DOWNLOAD_TIMEOUT, deadline: float | None = None
+) -> Path:
     """Download the four files into ``dest`` (default: the repo cache's torchvision layout).
 
-    Each file is fetched into a temporary folder beside ``dest``, MD5-checked by torchvision,
-    and only then moved into place, so nothing partial is ever left in ``dest``. Every
-    network operation gives up after ``timeout`` seconds.
+    Each file is fetched into a temporary folder beside ``dest``, checked (MD5 by torchvision,
+    then the content's SHA-256), and only then moved into place, so nothing partial is ever
+    left in ``dest``. Every network operation gives up after ``timeout`` seconds; with
+    ``deadline`` (seconds), no new file or mirror is tried once it has passed.
     """
     dest = Path(dest) if dest is not None else download_dir()
     _make_writable_dir(dest)
+    remove_stale_partials(dest)
+    end = None if deadline is None else time.monotonic() + deadline
     with _network_timeout(timeout):
-        _download_into(dest)
+        _download_into(dest, end)
     return dest
 
 
@@ -226,17 +274,21 @@ def _make_writable_dir(dest: Path) -> None:
         ) from err
 
 
-def _download_into(dest: Path) -> None:
+def _download_into(dest: Path, end: float | None = None) -> None:
     for name, md5 in md5_table().items():
         if (dest / name).is_file() and file_md5(dest / name) == md5:
             continue
         errors = []
         for mirror in _torchvision_fashion_mnist().mirrors:
+            if end is not None and time.monotonic() > end:
+                errors.append(f"the data step's deadline passed before {mirror}{name}")
+                break
             with tempfile.TemporaryDirectory(dir=dest, prefix=".partial-") as tmp:
                 try:
                     download_url(mirror + name, root=tmp, filename=name, md5=md5)
                     if file_md5(Path(tmp) / name) != md5:
                         raise DataError(f"downloaded {name} from {mirror} has the wrong MD5")
+                    verify_file(Path(tmp) / name)  # and the content's SHA-256
                 except Exception as err:  # network errors come in many types
                     errors.append(f"{mirror}{name}: {err}")
                     continue
@@ -314,59 +366,123 @@ def read_split(raw_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return images.unsqueeze(1).float().div_(255.0), labels.long()
 
 
-def install_debian_package(timeout: float = 600.0) -> str | None:
+def run_bounded(command: list[str], timeout: float, env: dict | None = None) -> tuple[int, str]:
+    """Run ``command`` in its own process group; (exit code, its output) or TimeoutError.
+
+    On timeout the whole group is stopped (SIGTERM, then SIGKILL 10 s later): apt-get's
+    children (dpkg, maintainer scripts) go with it instead of living on without it.
+    """
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # its own process group (and session), which killpg reaches
+    ) as proc:  # fmt: skip
+        try:
+            output, _ = proc.communicate(timeout=max(timeout, 0.0))
+            return proc.returncode, output
+        except subprocess.TimeoutExpired:
+            _stop_group(proc)
+            raise TimeoutError(f"`{' '.join(command)}` did not finish in time") from None
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Signal ``proc``'s process group until its output closes: every member has exited."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.communicate(timeout=10.0)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def install_debian_package(timeout: float = APT_TIMEOUT) -> str | None:
     """``apt-get install dataset-fashion-mnist`` where possible; None on success, else why not.
 
     Runs only as root with apt-get on the PATH (never sudo: setup must not prompt). When the
     package is unknown because the package lists were never fetched (fresh containers), it
-    runs ``apt-get update`` once and tries again.
+    runs ``apt-get update`` once and tries again. timeout: seconds for all of it; apt-get
+    waits at most :data:`APT_LOCK_TIMEOUT` s for another apt to finish.
     """
     if shutil.which("apt-get") is None:
         return "apt-get is not available"
     if os.geteuid() != 0:
         return f"not root (run `sudo apt install {DEBIAN_PACKAGE}` yourself)"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    deadline = time.monotonic() + timeout
 
     def apt_get(*args: str) -> str | None:
-        command = ["apt-get", *args]
-        try:
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return f"`{' '.join(command)}` did not finish within {timeout:.0f} s"
-        if done.returncode == 0:
+        command = ["apt-get", "-o", f"DPkg::Lock::Timeout={APT_LOCK_TIMEOUT}", *args]
+        code, output = run_bounded(command, deadline - time.monotonic(), env)
+        if code == 0:
             return None
-        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        last = output.strip().splitlines()[-1:] or ["no output"]
         return f"`{' '.join(command)}` failed: {last[0]}"
 
     install = ("install", "-y", "-qq", DEBIAN_PACKAGE)
-    if apt_get(*install) is None:
-        return None
-    return apt_get("update", "-qq") or apt_get(*install)
+    try:
+        if apt_get(*install) is None:
+            return None
+        return apt_get("update", "-qq") or apt_get(*install)
+    except TimeoutError as err:
+        return (
+            f"{err} (apt-get may take {timeout:g} s; stopped with every process it started; "
+            "if it was installing, `sudo dpkg --configure -a` finishes what dpkg began)"
+        )
 
 
-def setup_data(apt: bool = True, download_timeout: float | None = DOWNLOAD_TIMEOUT) -> Path:
+def remove_stale_partials(dest: Path, older_than: float = DATA_DEADLINE) -> list[Path]:
+    """Remove the ``.partial-*`` folders of downloads killed mid-way; returns those removed.
+
+    Only folders older than ``older_than`` seconds: no data step lives that long, so a
+    younger one may be another ``make data``'s download in progress.
+    """
+    removed = []
+    for folder in Path(dest).glob(".partial-*"):
+        try:
+            if time.time() - folder.stat().st_mtime > older_than:
+                shutil.rmtree(folder)
+                removed.append(folder)
+        except OSError:
+            continue  # gone already, or not ours to remove: the download works around it
+    return removed
+
+
+def setup_data(
+    apt: bool = True,
+    download_timeout: float | None = DOWNLOAD_TIMEOUT,
+    deadline: float = DATA_DEADLINE,
+) -> Path:
     """What ``make data`` does: locate, else install Debian's package, else download.
 
-    ``apt=False`` skips the package; ``download_timeout=None`` skips the download. Prints
-    each step it takes; raises DataError naming every remedy when all of them fail.
+    ``apt=False`` skips the package; ``download_timeout=None`` skips the download;
+    ``deadline``: seconds for the whole step (apt-get gets at most :data:`APT_TIMEOUT` of
+    them). Prints each step it takes; raises DataError naming every remedy when all fail.
     """
+    end = time.monotonic() + deadline
+    remove_stale_partials(download_dir())
     found = locate()
     if found is not None:
         return found
     tried = []
     if apt:
         print(f"Fashion-MNIST not found; installing Debian's {DEBIAN_PACKAGE} with apt-get ...")
-        why = install_debian_package()
+        why = install_debian_package(min(APT_TIMEOUT, end - time.monotonic()))
         found = locate()
         if found is not None:
             return found
         tried.append(f"apt-get: {why or 'installed, but the files are not in ' + str(DEBIAN_DIR)}")
-    if download_timeout is not None:
+    left = end - time.monotonic()
+    if download_timeout is not None and left <= 1:
+        tried.append(f"download: not started, the data step's deadline of {deadline:g} s passed")
+    elif download_timeout is not None:
         print(
             f"downloading Fashion-MNIST (about 30 MB; {download_timeout:g} s network timeout) ..."
         )
         try:
-            return download(timeout=download_timeout)
+            return download(timeout=download_timeout, deadline=left)
         except DownloadError as err:
             tried.append(f"download: {err.reason}")
     raise DataError(_not_found_message("; ".join(tried) or "nothing was tried"))
@@ -382,15 +498,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=float, default=DOWNLOAD_TIMEOUT, help="network timeout in seconds"
     )
+    parser.add_argument(
+        "--deadline", type=float, default=DATA_DEADLINE, help="seconds for the whole step"
+    )
     args = parser.parse_args(argv)
     try:
-        where = setup_data(not args.no_apt, None if args.no_download else args.timeout)
+        download_timeout = None if args.no_download else args.timeout
+        where = setup_data(not args.no_apt, download_timeout, args.deadline)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"Fashion-MNIST: {where}")
     for name in md5_table():
-        print(f"  {name}  {(where / name).stat().st_size:>9} bytes  MD5 ok")
+        print(f"  {name}  {(where / name).stat().st_size:>9} bytes  MD5 and SHA-256 ok")
     return 0
 
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import struct
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import apt_calls, fake_apt_get, gone
 
 from bnlab.experiments import data, datafiles
 
@@ -44,14 +46,21 @@ def write_fake(directory: Path, contents: dict[str, bytes]) -> Path:
     return directory
 
 
-@pytest.fixture
-def fake(tmp_path, monkeypatch):
-    """Fake sources: MD5 tables patched to the fake files, every search location in tmp_path."""
-    contents = fake_contents()
+def pin(monkeypatch, contents: dict[str, bytes]) -> None:
+    """Patch the pinned sums (MD5 of the .gz, MD5 and SHA-256 of the content) to these files."""
     gz = {n: hashlib.md5(gzip.compress(raw, mtime=0)).hexdigest() for n, raw in contents.items()}
     plain = {n: hashlib.md5(raw).hexdigest() for n, raw in contents.items()}
+    sha = {n: hashlib.sha256(raw).hexdigest() for n, raw in contents.items()}
     monkeypatch.setattr(datafiles, "md5_table", lambda: dict(gz))
     monkeypatch.setattr(datafiles, "content_md5_table", lambda: dict(plain))
+    monkeypatch.setattr(datafiles, "content_sha256_table", lambda: dict(sha))
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """Fake sources: the pinned sums patched to the fake files, every search place in tmp_path."""
+    contents = fake_contents()
+    pin(monkeypatch, contents)
     monkeypatch.setattr(datafiles, "REPO_CACHE", tmp_path / "repo_data")
     monkeypatch.setattr(datafiles, "DEBIAN_DIR", tmp_path / "debian")
     monkeypatch.delenv(datafiles.ENV_VAR, raising=False)
@@ -109,6 +118,16 @@ def test_corrupt_file_is_named(fake):
     bad[NAMES[1]] = contents[NAMES[1]][:-1] + b"\x07"  # one label changed
     write_fake(tmp / "debian", bad)
     with pytest.raises(datafiles.DataError, match=f"{NAMES[1]}.*corrupt or truncated"):
+        datafiles.locate()
+
+
+def test_a_file_whose_sha256_differs_is_refused_even_when_its_md5_matches(fake, monkeypatch):
+    """Integrity does not rest on MD5 alone: the content's SHA-256 is pinned beside it."""
+    tmp, contents = fake
+    write_fake(tmp / "debian", contents)
+    pinned = dict(datafiles.content_sha256_table(), **{NAMES[2]: "0" * 64})
+    monkeypatch.setattr(datafiles, "content_sha256_table", lambda: pinned)
+    with pytest.raises(datafiles.DataError, match=f"{NAMES[2]}.*content SHA-256"):
         datafiles.locate()
 
 
@@ -218,6 +237,11 @@ def test_debian_package_files_are_accepted(monkeypatch):
     monkeypatch.delenv(datafiles.ENV_VAR, raising=False)
     monkeypatch.setattr(datafiles, "REPO_CACHE", Path("/nonexistent/bnlab-cache"))
     assert datafiles.locate() == datafiles.DEBIAN_DIR
+    for name in NAMES:  # the pinned sums are those of the contents, as Debian re-compresses
+        with gzip.open(datafiles.DEBIAN_DIR / name) as f:
+            content = f.read()
+        assert hashlib.sha256(content).hexdigest() == datafiles.content_sha256_table()[name]
+        assert hashlib.md5(content).hexdigest() == datafiles.content_md5_table()[name]
     x, y = data.load_tensors(train=False)
     assert x.shape == (10000, 1, 28, 28) and float(x.max()) == 1.0
     assert torch.bincount(y).tolist() == [1000] * 10
@@ -249,7 +273,9 @@ def test_setup_data_installs_the_debian_package_before_downloading(fake, monkeyp
     tmp, contents = fake
     calls = []
     monkeypatch.setattr(
-        datafiles, "install_debian_package", lambda: write_fake(tmp / "debian", contents) and None
+        datafiles,
+        "install_debian_package",
+        lambda _s: write_fake(tmp / "debian", contents) and None,
     )
     monkeypatch.setattr(datafiles, "download_url", lambda *a, **k: calls.append(a))
     assert datafiles.setup_data() == tmp / "debian"
@@ -258,7 +284,7 @@ def test_setup_data_installs_the_debian_package_before_downloading(fake, monkeyp
 
 def test_setup_data_downloads_when_apt_cannot_help(fake, monkeypatch):
     tmp, contents = fake
-    monkeypatch.setattr(datafiles, "install_debian_package", lambda: "not root")
+    monkeypatch.setattr(datafiles, "install_debian_package", lambda _s: "not root")
 
     def fetch(url, root, filename, md5):
         Path(root, filename).write_bytes(gzip.compress(contents[filename], mtime=0))
@@ -268,7 +294,7 @@ def test_setup_data_downloads_when_apt_cannot_help(fake, monkeypatch):
 
 
 def test_setup_data_failure_is_one_message_with_every_remedy(fake, monkeypatch, capsys):
-    monkeypatch.setattr(datafiles, "install_debian_package", lambda: "apt-get is not available")
+    monkeypatch.setattr(datafiles, "install_debian_package", lambda _s: "apt-get is not available")
 
     def offline(url, root, filename, md5):
         raise OSError("<urlopen error [Errno -2] Name or service not known>")
@@ -309,30 +335,55 @@ def test_download_bounds_every_network_operation(fake, monkeypatch):
     assert __import__("socket").getdefaulttimeout() == before  # restored
 
 
-class FakeRun:
-    """subprocess.run stand-in: answers each command with the next (returncode, stderr)."""
-
-    def __init__(self, *answers):
-        self.answers, self.commands = list(answers), []
-
-    def __call__(self, command, **kwargs):
-        import subprocess
-
-        self.commands.append(command[:2])
-        code, err = self.answers.pop(0)
-        return subprocess.CompletedProcess(command, code, stdout="", stderr=err)
-
-
-def test_apt_install_refreshes_package_lists_once(monkeypatch):
-    monkeypatch.setattr(datafiles.shutil, "which", lambda name: "/usr/bin/apt-get")
+@pytest.fixture
+def fake_apt(tmp_path, monkeypatch):
+    """A folder whose apt-get stand-in (tests/helpers.py) comes first on the PATH, as root."""
+    folder = tmp_path / "apt"
+    folder.mkdir()
+    for name, value in fake_apt_get(folder).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
     monkeypatch.setattr(datafiles.os, "geteuid", lambda: 0)
-    run = FakeRun((100, "E: Unable to locate package dataset-fashion-mnist"), (0, ""), (0, ""))
-    monkeypatch.setattr(datafiles.subprocess, "run", run)
+    return folder
+
+
+def test_apt_install_refreshes_package_lists_once_and_waits_for_the_lock_60_s(fake_apt):
     assert datafiles.install_debian_package() is None
-    assert run.commands == [["apt-get", "install"], ["apt-get", "update"], ["apt-get", "install"]]
-    failing = FakeRun((100, "E: x"), (100, "E: Could not resolve 'deb.debian.org'"))
-    monkeypatch.setattr(datafiles.subprocess, "run", failing)
+    lock = "-o DPkg::Lock::Timeout=60"
+    assert apt_calls(fake_apt) == [
+        f"{lock} install -y -qq dataset-fashion-mnist",
+        f"{lock} update -qq",
+        f"{lock} install -y -qq dataset-fashion-mnist",
+    ]
+
+
+def test_apt_that_fails_says_why(fake_apt):
+    (fake_apt / "apt-get").write_text(
+        "#!/bin/sh\necho \"E: Could not resolve 'deb.debian.org'\" >&2\nexit 100\n"
+    )
     assert "Could not resolve" in datafiles.install_debian_package()
+
+
+def test_apt_past_its_time_is_killed_with_every_process_it_started(fake_apt):
+    """apt-get runs in its own process group; on timeout the whole group goes (dpkg too)."""
+    (fake_apt / "hang").touch()
+    why = datafiles.install_debian_package(timeout=0.5)
+    assert "did not finish" in why and "apt-get may take 0.5 s" in why, why
+    assert "dpkg --configure -a" in why
+    pids = [int(p) for p in (fake_apt / "pids").read_text().split()]
+    assert len(pids) == 2 and gone(pids), "apt-get or its child outlived the timeout"
+    assert apt_calls(fake_apt) == ["-o DPkg::Lock::Timeout=60 install -y -qq dataset-fashion-mnist"]
+
+
+def test_the_whole_data_step_has_one_deadline(fake, fake_apt, monkeypatch):
+    """apt cut off at the deadline, and no download started after it."""
+    (fake_apt / "hang").touch()
+    monkeypatch.setattr(datafiles, "download_url", lambda *a, **k: pytest.fail("downloaded"))
+    with pytest.raises(datafiles.DataError) as err:
+        datafiles.setup_data(deadline=0.5)
+    message = str(err.value)
+    assert "did not finish" in message and "deadline" in message, message
+    assert "finished" not in apt_calls(fake_apt)
 
 
 def test_apt_install_needs_root_and_apt(monkeypatch):
@@ -341,6 +392,21 @@ def test_apt_install_needs_root_and_apt(monkeypatch):
     assert "sudo apt install dataset-fashion-mnist" in datafiles.install_debian_package()
     monkeypatch.setattr(datafiles.shutil, "which", lambda name: None)
     assert datafiles.install_debian_package() == "apt-get is not available"
+
+
+def test_stale_partial_downloads_are_removed_at_start(fake):
+    """A download killed mid-way leaves its .partial- folder; a live one is left alone."""
+    tmp, contents = fake
+    write_fake(tmp / "debian", contents)
+    dest = datafiles.download_dir()
+    stale, live = dest / ".partial-old", dest / ".partial-new"
+    for folder in (stale, live):
+        folder.mkdir(parents=True)
+        (folder / NAMES[0]).write_bytes(b"half a file")
+    old = stale.stat().st_mtime - datafiles.DATA_DEADLINE - 60
+    os.utime(stale, (old, old))
+    assert datafiles.setup_data() == tmp / "debian"
+    assert not stale.exists() and live.exists()
 
 
 def test_a_notebook_shows_the_remedies_not_a_traceback(capsys):
@@ -359,8 +425,7 @@ def test_a_notebook_shows_the_remedies_not_a_traceback(capsys):
 def test_images_and_labels_that_do_not_pair_up_are_refused(fake, monkeypatch):
     tmp, contents = fake
     contents = dict(contents, **{NAMES[1]: idx_bytes(torch.arange(5) % 10)})  # 5 labels, 12 images
-    gz = {n: hashlib.md5(gzip.compress(raw, mtime=0)).hexdigest() for n, raw in contents.items()}
-    monkeypatch.setattr(datafiles, "md5_table", lambda: dict(gz))
+    pin(monkeypatch, contents)
     write_fake(tmp / "debian", contents)
     with pytest.raises(datafiles.DataError, match="do not pair up"):
         data.load_tensors(train=True)
