@@ -4,7 +4,8 @@ The dataset class, its file names, MD5 sums and mirror come from
 ``torchvision.datasets.FashionMNIST``. Before downloading, bnlab looks for the four raw
 ``.gz`` files, in this order:
 
-1. ``$BNLAB_DATA_DIR`` (the files themselves, or torchvision's ``FashionMNIST/raw`` below it),
+1. ``$BNLAB_DATA_DIR`` (the files themselves, or torchvision's ``FashionMNIST/raw`` below it;
+   a relative path is taken from the repository's root),
 2. the repository's git-ignored ``data/`` cache (where a download goes),
 3. ``/usr/share/datasets/fashion-mnist`` (Debian/Ubuntu package ``dataset-fashion-mnist``).
 
@@ -51,7 +52,8 @@ if TYPE_CHECKING:
     from torchvision.datasets import FashionMNIST
 
 ENV_VAR = "BNLAB_DATA_DIR"
-REPO_CACHE = Path(__file__).resolve().parents[2] / "data"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_CACHE = REPO_ROOT / "data"
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
 # Seconds any one network operation (connect, read) of a download may take.
@@ -256,8 +258,14 @@ def download_dir() -> Path:
 
 
 def _cache_root() -> Path:
-    """``$BNLAB_DATA_DIR`` when it is set, else the repository's ``data/`` cache."""
-    return Path(os.environ[ENV_VAR]).expanduser() if os.environ.get(ENV_VAR) else REPO_CACHE
+    """``$BNLAB_DATA_DIR`` when it is set, else the repository's ``data/`` cache.
+
+    A relative ``$BNLAB_DATA_DIR`` is taken from the repository's root, not the working
+    folder: make runs there, a notebook's kernel in notebooks/, and both must find one place.
+    """
+    if not os.environ.get(ENV_VAR):
+        return REPO_CACHE
+    return REPO_ROOT / Path(os.environ[ENV_VAR]).expanduser()  # an absolute path stays as is
 
 
 def _make_writable_dir(dest: Path) -> None:

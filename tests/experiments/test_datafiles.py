@@ -94,6 +94,18 @@ def test_env_dir_wins_over_everything(fake, monkeypatch):
     assert datafiles.search_dirs()[0] == tmp / "mine"
 
 
+def test_a_relative_data_dir_is_taken_from_the_repository_root(fake, monkeypatch, tmp_path):
+    """make runs from the repository's root, a notebook's kernel from notebooks/: one place."""
+    monkeypatch.setenv(datafiles.ENV_VAR, "my-data")
+    seen = set()
+    for cwd in (tmp_path, tmp_path / "debian"):
+        cwd.mkdir(exist_ok=True)
+        monkeypatch.chdir(cwd)
+        seen.add((datafiles.search_dirs()[0], datafiles.download_dir()))
+    assert seen == {(datafiles.REPO_ROOT / "my-data",
+                     datafiles.REPO_ROOT / "my-data" / "FashionMNIST" / "raw")}  # fmt: skip
+
+
 def test_incomplete_dir_is_skipped(fake):
     tmp, contents = fake
     write_fake(tmp / "repo_data", {k: v for k, v in contents.items() if "t10k" not in k})
