@@ -4,9 +4,12 @@
 
 - ``world_size`` processes started with torch.multiprocessing's "spawn" method (a fresh
   interpreter each, as on a cluster; no fork of a process that holds threads);
-- a free port picked at run time (a socket bound to port 0 on 127.0.0.1), MASTER_ADDR
-  127.0.0.1, GLOO_SOCKET_IFNAME=lo unless already set, the gloo backend, and a bounded
-  ``init_process_group(timeout=...)`` so no collective waits forever;
+- the group's rendezvous, a ``torch.distributed.TCPStore``, served by the calling process on
+  a port of 127.0.0.1 that the system picks (port 0) and held for the whole run, so no other
+  program can take the port between its choice and its use; the ranks join it as clients;
+- gloo on the loopback interface (GLOO_SOCKET_IFNAME ``lo`` on Linux, ``lo0`` on macOS,
+  unless already set) and a bounded ``init_process_group(timeout=...)`` so no collective
+  waits forever;
 - each rank's return value comes back through a multiprocessing queue, in rank order;
 - on the first error, or when ``timeout`` passes, every child is killed (none is left
   behind) and the error is raised in the caller with the failing rank's traceback text.
@@ -25,6 +28,7 @@ import importlib
 import os
 import queue as queue_module
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -52,11 +56,27 @@ class GroupTimeout(TimeoutError):
         self.pids = pids
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (bind to port 0, read the port, release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def loopback_interface() -> str:
+    """The loopback interface's name, for GLOO_SOCKET_IFNAME: ``lo`` on Linux, ``lo0`` on macOS."""
+    try:
+        names = [name for _index, name in socket.if_nameindex()]
+    except OSError:  # no interface list on this system: go by the platform's usual name
+        names = []
+    for name in names:
+        if name in ("lo", "lo0"):
+            return name
+    return "lo0" if sys.platform == "darwin" else "lo"
+
+
+def rendezvous(timeout: float) -> dist.TCPStore:
+    """The group's TCPStore, served by this process on 127.0.0.1 at a port the system picks.
+
+    Binding port 0 and keeping the socket is what makes the port safe: a port read from a
+    released socket can be taken by another program before rank 0 binds it again.
+    """
+    return dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout)
+    )
 
 
 def target_name(fn: str | Callable) -> str:
@@ -91,11 +111,13 @@ def _child(rank, world_size, port, name, args, kwargs, results, timeout, backend
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size)
     )
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
     torch.set_num_threads(threads)
     try:
+        limit = timedelta(seconds=timeout)
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=limit)
         dist.init_process_group(
-            backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout)
+            backend, store=store, rank=rank, world_size=world_size, timeout=limit
         )
         value = resolve(name)(*args, **kwargs)
         dist.barrier()  # no rank leaves while another still talks to it
@@ -148,7 +170,8 @@ def run(
     name = target_name(fn)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
+    store = rendezvous(timeout)  # held until this function returns
+    port = store.port
     procs = [
         ctx.Process(
             target=_child,

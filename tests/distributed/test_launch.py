@@ -53,5 +53,31 @@ def test_functions_a_child_cannot_import_by_name_are_refused_before_spawning(fn)
         launch.run(2, fn, timeout=5)
 
 
-def test_free_port_is_a_port():
-    assert 0 < launch.free_port() < 65536
+def test_a_port_taken_by_another_process_cannot_break_the_launch(monkeypatch):
+    """The rendezvous port is bound by the parent itself and held for the whole run: it is
+    never picked, released and bound again, so a parallel run cannot take it in between."""
+    import socket
+
+    with socket.socket() as taken:  # what a parallel run does between "free" and bound
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setattr(launch, "free_port", lambda: taken.getsockname()[1], raising=False)
+        found = launch.run(2, launch.rank_and_size, timeout=60)
+    assert [(rank, size) for rank, size, _pid in found] == [(0, 2), (1, 2)]
+
+
+@pytest.mark.parametrize(
+    "platform, interfaces, loopback",
+    [
+        ("linux", [(1, "lo"), (2, "eth0")], "lo"),
+        ("darwin", [(1, "lo0"), (2, "en0")], "lo0"),
+        ("darwin", [], "lo0"),  # none listed: the platform's usual name
+        ("linux", [], "lo"),
+    ],
+)
+def test_gloo_talks_over_the_loopback_interface_of_this_platform(
+    monkeypatch, platform, interfaces, loopback
+):
+    monkeypatch.setattr(launch.socket, "if_nameindex", lambda: interfaces)
+    monkeypatch.setattr(launch.sys, "platform", platform)
+    assert launch.loopback_interface() == loopback
