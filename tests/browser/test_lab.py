@@ -43,10 +43,9 @@ NOTEBOOK = ROOT / "notebooks" / "03_scratch.ipynb"
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
 REMEDY = "`make test-browser` installs both Chromium and Playwright"
 
-# As root Chromium needs --no-sandbox; there is no GPU; and without the background-networking
-# flags it keeps calling Google services, which on a closed network only adds noise.
+# There is no GPU; and without the background-networking flags Chromium keeps calling Google
+# services, which on a closed network only adds noise. (--no-sandbox: see chromium_args.)
 CHROMIUM_ARGS = [
-    "--no-sandbox",
     "--disable-gpu",
     "--disable-quic",
     "--no-first-run",
@@ -55,6 +54,14 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 VIEWPORT = {"width": 1400, "height": 900}
+
+
+def chromium_args(euid: int | None = None) -> list[str]:
+    """CHROMIUM_ARGS, and --no-sandbox only as root (``euid`` 0), where Chromium needs it:
+    a user's Chromium keeps the sandbox that isolates the pages it renders."""
+    euid = os.geteuid() if euid is None else euid
+    return CHROMIUM_ARGS + (["--no-sandbox"] if euid == 0 else [])
+
 
 # Deadlines, so that a hang fails fast and says where. The whole test takes 20-30 s on two
 # cores; each limit is a few times what its step needs there.
@@ -307,7 +314,7 @@ def browser(lab, artifacts):
     playwright = sync_playwright_or_fail()().start()
     try:
         chromium = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=DEFAULT_MS
+            executable_path=str(CHROMIUM), args=chromium_args(), timeout=DEFAULT_MS
         )
         try:
             page = chromium.new_page(viewport=VIEWPORT)
@@ -782,3 +789,11 @@ def test_dashboard_in_jupyterlab(lab, browser, artifacts):
     assert not sent, f"error or stderr messages from the kernel (parent: request type): {sent}"
     assert not browser.uncaught, f"uncaught errors in the page: {browser.uncaught}"
     assert not browser.console_errors, f"errors in the browser console: {browser.console_errors}"
+
+
+@pytest.mark.parametrize("euid, sandboxed", [(0, False), (1000, True)], ids=["root", "user"])
+def test_chromium_keeps_its_sandbox_unless_it_runs_as_root(euid, sandboxed):
+    """Chromium refuses to start as root with its sandbox on; a user's keeps it."""
+    args = chromium_args(euid)
+    assert ("--no-sandbox" not in args) == sandboxed
+    assert "--disable-gpu" in args
