@@ -11,3 +11,7 @@ Submodules, imported on demand (importing ``cuda`` decides GPU vs simulator):
 - ``validate``: argument validation shared by both; ``stability``: the cancellation demo;
 - ``ptx``: compile every CUDA kernel to PTX without a GPU (run in its own process).
 """
+
+from bnlab.kernels.backend import spell_for_numba
+
+spell_for_numba()  # before a kernel module imports numba: numba reads the variable with int()

@@ -162,9 +162,54 @@ def test_simulator_notice_when_no_gpu():
     )
     if torch.cuda.is_available():
         assert proc.stdout.strip().endswith("gpu")
-    else:
-        assert "running on Numba's CUDA simulator" in proc.stdout
-        assert proc.stdout.strip().endswith("simulator")
+    else:  # the notice on stderr: a script's output (or a file it is sent to) stays clean
+        assert "running on Numba's CUDA simulator" in proc.stderr
+        assert proc.stdout == "simulator\n"
+
+
+@pytest.mark.parametrize(
+    "value, simulator",
+    [("1", True), ("0", False), (" 1 ", True), ("+2", True), ("00", False), ("", None),
+     (None, None), ("true", True), ("True", True), ("yes", True), ("on", True),
+     ("false", False), ("NO", False), ("off", False)],
+)  # fmt: skip
+def test_numba_enable_cudasim_takes_numbers_as_numba_does_and_the_usual_words(value, simulator):
+    assert backend.simulator_flag(value) is simulator
+
+
+@pytest.mark.parametrize(
+    "value, spelled", [("true", "1"), (" Off ", "0"), ("1", "1"), ("maybe", "maybe")]
+)
+def test_bnlab_kernels_spells_the_words_as_numbers_before_numba_reads_them(
+    monkeypatch, value, spelled
+):
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", value)
+    backend.spell_for_numba()
+    assert os.environ["NUMBA_ENABLE_CUDASIM"] == spelled
+
+
+def test_numba_enable_cudasim_that_means_nothing_is_refused_clearly():
+    with pytest.raises(ValueError, match=r"NUMBA_ENABLE_CUDASIM='maybe'.*1 for Numba's CUDA sim"):
+        backend.simulator_flag("maybe")
+
+
+def test_the_simulator_notice_stays_out_of_stderr_in_a_notebook(monkeypatch, capsys):
+    """A Jupyter kernel stores stderr in the notebook (in red); the notice goes to the cell."""
+
+    class OutStream:  # stands in for ipykernel.iostream.OutStream, a kernel's sys.stderr
+        __module__ = "ipykernel.iostream"
+
+        def write(self, text):
+            raise AssertionError("the notice went to the kernel's stderr")
+
+        def flush(self):
+            pass
+
+    backend.announce_simulator()
+    assert "CUDA simulator" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stderr", OutStream())
+    backend.announce_simulator()
+    assert "CUDA simulator" in capsys.readouterr().out
 
 
 def test_missing_numba_cuda_is_a_clear_error(monkeypatch):

@@ -482,6 +482,7 @@ def test_the_docs_list_every_bad_input_row():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "bad-inputs.md").read_text()
     missing = [r[0] for r in BAD_INPUTS if f"| {r[0]} |" not in doc]
     assert not missing, f"docs/bad-inputs.md lacks rows {missing}"
+    assert doc.startswith("# Bad inputs"), f"stray text before the title: {doc.splitlines()[0]!r}"
 
 
 # ------------------------------------------------------------------ property-based parity
