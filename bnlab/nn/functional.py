@@ -40,6 +40,11 @@ class ShapeError(ValueError, RuntimeError):
     """
 
 
+class DeviceError(ValueError, RuntimeError):
+    """A tensor on another device than the input: a ValueError, and a RuntimeError as torch
+    raises for it (``except RuntimeError`` catches it as it catches torch's)."""
+
+
 def validate_floating(x: Tensor, name: str = "input") -> None:
     """Raise if ``x`` is not a floating-point tensor."""
     if not x.is_floating_point():
@@ -93,7 +98,7 @@ def validate_channels(x: Tensor, num_channels: int, what: str = "running_mean") 
     """Raise if the input's channel axis (dim 1) does not have ``num_channels`` entries."""
     if x.dim() < 2 or x.shape[1] != num_channels:
         got = x.shape[1] if x.dim() >= 2 else "none"
-        raise ValueError(
+        raise ShapeError(
             f"expected input with {num_channels} channels in dimension 1 (to match {what}), "
             f"got {got} in input of shape {tuple(x.shape)}"
         )
@@ -384,7 +389,7 @@ def validate_vector(t: Tensor | None, name: str, x: Tensor) -> None:
         )
     validate_floating(t, name)
     if t.device != x.device:
-        raise ValueError(
+        raise DeviceError(
             f"{name} is on {t.device} but the input is on {x.device}; move it with "
             f"{name}.to(input.device)"
         )

@@ -35,7 +35,7 @@ def check_input_dim(module: nn.Module, x: Tensor, layouts: str) -> None:
             f"{layouts}"
         )
     if x.shape[1] != module.num_features:
-        raise ValueError(
+        raise F.ShapeError(  # a RuntimeError too, as torch's "running_mean should contain ..."
             f"{name}({module.num_features}) expected {module.num_features} channels in "
             f"dimension 1, got {x.shape[1]} in input of shape {tuple(x.shape)}; "
             f"build it as {name}({x.shape[1]}) or check the layer before it"

@@ -174,7 +174,14 @@ def group_norm(
         raise ValueError(
             f"num_groups={num_groups} must be a positive divisor of the {channels} channels"
         )
-    grouped = normalize(x.reshape(x.shape[0], num_groups, -1), 2, eps, single_value="zero")
+    per_group = channels // num_groups * math.prod(x.shape[2:])  # values per sample and group
+    if x.shape[0] * per_group == 1:  # torch's condition (F.group_norm's _verify_batch_size)
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input size "
+            f"{list(x.shape)}: GroupNorm({num_groups}, {channels}) sees one value in all per "
+            "group; use fewer groups, or a larger input (more samples or positions)"
+        )
+    grouped = normalize(x.reshape(x.shape[0], num_groups, per_group), 2, eps, single_value="zero")
     return _affine(grouped.reshape(x.shape), weight, bias, True)
 
 

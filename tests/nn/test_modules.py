@@ -476,6 +476,32 @@ def test_bad_input_is_refused_clearly_before_any_state_changes(row):
         assert torch.equal(a, b), "a refused call changed state"
 
 
+# torch raises RuntimeError for these (code written against it says `except RuntimeError`);
+# bnlab's error is both a RuntimeError and, like every refusal in the catalogue, a ValueError.
+MISMATCH_IDS = ("module: wrong channel count", "weight on another device",
+                "running_var of the wrong size", "bias of the wrong size")  # fmt: skip
+MISMATCHES = [r for r in BAD_INPUTS if r[0] in MISMATCH_IDS]
+
+
+@pytest.mark.parametrize("row", MISMATCHES, ids=[r[0] for r in MISMATCHES])
+def test_channel_and_device_mismatches_are_runtime_errors_as_in_torch(row):
+    _id, build, _error, _words = row
+    call, _state = build()
+    with pytest.raises(RuntimeError) as caught:
+        call()
+    assert isinstance(caught.value, ValueError)
+
+
+@pytest.mark.parametrize("name", ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"])
+def test_a_channel_mismatch_raises_what_torch_raises(name):
+    shape = {"BatchNorm1d": (4, 5), "BatchNorm2d": (4, 5, 2, 2), "BatchNorm3d": (4, 5, 2, 2, 2)}
+    x = torch.randn(shape[name])
+    with pytest.raises(RuntimeError):
+        getattr(nn, name)(3)(x)
+    with pytest.raises(RuntimeError, match="expected 3 channels"):
+        getattr(modules, name)(3)(x)
+
+
 def test_the_docs_list_every_bad_input_row():
     from pathlib import Path
 

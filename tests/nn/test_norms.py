@@ -162,10 +162,38 @@ def test_clear_errors():
         norms.instance_norm(torch.randn(4, 3))
     with pytest.raises(ValueError, match="6 channels"):
         norms.GroupNorm(2, 6)(torch.randn(2, 4, 3, 3))
+    with pytest.raises(RuntimeError, match="6 channels"):  # as torch's, for `except RuntimeError`
+        norms.GroupNorm(2, 6)(torch.randn(2, 4, 3, 3))
     with pytest.raises(TypeError, match="floating-point"):
         norms.normalize(torch.ones(4, 3, dtype=torch.long), 0)
     with pytest.raises(ValueError, match="GroupNorm reduces"):
         norms.reduction_axes("group", 4)
+
+
+GROUP_NORM_EDGES = [  # (groups, shape): torch raises when N * (C / G) * spatial size == 1
+    (groups, shape)
+    for shape in [(1, 10, 1), (1, 10), (1, 10, 1, 1), (2, 10, 1), (1, 10, 2), (0, 10, 1), (1, 1)]
+    for groups in (1, 5, 10)
+    if shape[1] % groups == 0
+]
+
+
+@pytest.mark.parametrize("groups, shape", GROUP_NORM_EDGES)
+def test_group_norm_refuses_exactly_when_torch_does(groups, shape):
+    x = torch.randn(shape, dtype=torch.float64)
+    ours, theirs = (
+        norms.GroupNorm(groups, shape[1]).double(),
+        nn.GroupNorm(groups, shape[1]).double(),
+    )
+    try:
+        expected = theirs(x)
+    except ValueError as torch_error:
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel") as err:
+            ours(x)
+        assert "fewer groups" in str(err.value)  # and bnlab names the remedy
+        assert str(list(shape)) in str(torch_error)
+        return
+    torch.testing.assert_close(ours(x), expected)
 
 
 def test_half_precision_runs_in_float32_statistics():
