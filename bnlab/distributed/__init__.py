@@ -16,5 +16,22 @@
 - ``ghost``: Ghost Batch Normalization (Hoffer et al. 2017): BN over virtual sub-batches,
   what per-replica BN and accumulation do to a batch; :func:`convert_ghost_batchnorm`.
 
+What a torch user reaches for is here too: ``from bnlab.distributed import SyncBatchNorm``
+(as ``torch.nn.SyncBatchNorm``, with its ``convert_sync_batchnorm``), ``sync_batch_norm``,
+the Ghost BN layers and their converter, and the launcher's ``run``.
+
 Serves notebook 09.
 """
+
+from bnlab.distributed.ghost import GhostBatchNorm1d, GhostBatchNorm2d, convert_ghost_batchnorm
+from bnlab.distributed.launch import run
+from bnlab.distributed.sync import SyncBatchNorm, sync_batch_norm
+
+__all__ = [
+    "SyncBatchNorm",
+    "sync_batch_norm",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "convert_ghost_batchnorm",
+    "run",
+]

@@ -190,3 +190,16 @@ def test_torchs_own_syncbatchnorm_refuses_cpu_input_in_a_group(in_group):
         assert checks["torch_refusal"].startswith(
             "ValueError: SyncBatchNorm expected input tensor to be on GPU or XPU"
         )
+
+
+def test_torch_users_find_syncbatchnorm_where_they_expect_it():
+    """``from bnlab.distributed import SyncBatchNorm``, as ``torch.nn.SyncBatchNorm`` is."""
+    import bnlab.distributed as D
+    from bnlab.distributed import SyncBatchNorm as exported
+    from bnlab.distributed import ghost, sync
+
+    assert exported is SyncBatchNorm and callable(exported.convert_sync_batchnorm)
+    assert D.sync_batch_norm is sync.sync_batch_norm and D.run is launch.run
+    assert D.GhostBatchNorm2d is ghost.GhostBatchNorm2d
+    assert D.convert_ghost_batchnorm is ghost.convert_ghost_batchnorm
+    assert all(hasattr(D, name) for name in D.__all__)
