@@ -10,7 +10,11 @@ order for ``nn.Sequential`` models:
 - ``bias-before-bn``: a Conv/Linear bias right before BN is subtracted away with the
   batch mean (Ioffe & Szegedy 2015, arXiv:1502.03167, section 3.2);
 - ``track-running-stats-mismatch``: ``track_running_stats`` was switched off after
-  construction, but the buffers still exist and eval mode still uses them.
+  construction, but the buffers still exist and eval mode still uses them;
+- ``non-finite-running-stats``: a running mean or variance holds NaN or inf. One training
+  batch with a NaN or inf that reaches a BN layer puts it in the batch statistics, and the
+  momentum update keeps it in the running ones for good (torch does the same, silently):
+  every eval-mode output of those channels is NaN from then on.
 
 Dynamic checks (with a loader) hook every BN layer during a pass over a few batches,
 then restore every buffer, so the scan changes nothing:
@@ -18,7 +22,12 @@ then restore every buffer, so the scan changes nothing:
 - ``bn-train-in-eval`` (phase="eval"): a BN layer ran in training mode while evaluating;
 - ``single-value-per-channel`` (phase="train"): a BN layer in training mode got one
   value per channel, which torch rejects; also predicted from the loader's size when
-  its last batch would hold a single example.
+  its last batch would hold a single example;
+- ``non-finite-input``: NaN or inf reached a BN layer in training mode: the first such
+  layer and batch, and every layer whose running statistics that batch poisoned.
+
+:func:`watch` makes the last check during real training (a ``with`` block around the
+loop): it names the batch where non-finite values first reached a BN layer.
 
 Serves notebook 06.
 """
@@ -27,7 +36,8 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -109,8 +119,40 @@ def static_findings(model: nn.Module) -> list[Finding]:
                     "or set running_mean and running_var to None as well.",
                 )
             )
+        if is_batchnorm(m):
+            findings += _poisoned_statistics(name, m)
         before_previous, previous = previous, (name, m)
     return findings
+
+
+def _channels(bad: Tensor) -> str:
+    """``[0, 3, 4]`` (at most eight, then ``...``) of a (C,) mask."""
+    index = bad.nonzero().flatten().tolist()
+    return str(index[:8])[:-1] + (", ...]" if len(index) > 8 else "]")
+
+
+def _poisoned_statistics(name: str, bn: nn.Module) -> list[Finding]:
+    """``non-finite-running-stats`` for one BN layer whose running statistics are not finite."""
+    stats = {k: getattr(bn, k, None) for k in ("running_mean", "running_var")}
+    bad = {k: ~torch.isfinite(v) for k, v in stats.items() if v is not None}
+    if not any(mask.any() for mask in bad.values()):
+        return []
+    channels = torch.stack(list(bad.values())).any(0)
+    what = "; ".join(
+        f"{k} has NaN or inf in channels {_channels(mask)}" for k, mask in bad.items() if mask.any()
+    )
+    return [
+        Finding(
+            "non-finite-running-stats",
+            name,
+            f"running statistics are not finite in {int(channels.sum())} of {channels.numel()} "
+            f"channels ({what}): a NaN or inf reached this layer in a training batch, and "
+            "every eval-mode output of these channels is NaN now. Find the batch with "
+            "bnlab.teaching.doctor.watch(model) around the training loop, then re-estimate the "
+            "statistics on clean data (bnlab.recalibrate.recalibrate_bn) or reload a "
+            "checkpoint from before it.",
+        )
+    ]
 
 
 def _loader_last_batch(loader) -> int | None:
@@ -166,6 +208,66 @@ def _last_batch_finding(loader) -> Finding:
     )
 
 
+class _NonFinite:
+    """Per batch, the BN layers in training mode whose input held NaN or inf (in call order).
+
+    ``hook`` is a forward pre-hook for BN layers; :meth:`finding` reports the first layer of
+    a batch, with every layer whose running statistics the batch poisoned.
+    """
+
+    def __init__(self, names: dict[nn.Module, str]) -> None:
+        self.names, self.layers, self.first = names, [], None
+
+    def hook(self, module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        if module.training and not bool(torch.isfinite(x).all()):
+            if not self.layers:
+                nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+                self.first = (tuple(x.shape), nan, inf, x.numel())
+            self.layers.append(self.names[module])
+
+    def finding(self, batch: int) -> Finding | None:
+        """The finding of the batch just run (None if its values stayed finite); resets."""
+        layers, self.layers = self.layers, []
+        if not layers:
+            return None
+        shape, nan, inf, total = self.first
+        poisoned = ", ".join(repr(n) for n in layers)
+        return Finding(
+            "non-finite-input",
+            layers[0],
+            f"batch {batch} (counting from 0) reached this BatchNorm in training mode with "
+            f"{nan} NaN and {inf} inf among the {total} values of its input {shape}: its batch "
+            "mean and variance are not finite, and the momentum update carries them into the "
+            f"running statistics of {poisoned} for good (torch does the same, silently). "
+            "Find where they come from (the data: torch.isfinite(x).all(); a diverging run: "
+            "the loss before this batch), then re-estimate the statistics on clean data "
+            "(bnlab.recalibrate.recalibrate_bn) or reload a checkpoint.",
+        )
+
+
+@contextmanager
+def watch(model: nn.Module) -> Iterator[list[Finding]]:
+    """Watch a training run: the list fills with a ``non-finite-input`` finding when NaN or
+    inf first reach a BN layer in training mode (which layer, which batch, what it poisoned).
+
+    Use it around the training loop: ``with watch(model) as found: ...``. Only the first such
+    batch is reported: after it, NaN in the weights or the statistics carries on by itself.
+    Each forward call of ``model`` counts as one batch; the hooks go when the block ends.
+    """
+    found: list[Finding] = []
+    tracker = _NonFinite({m: n for n, m in hooks.batchnorm_layers(model)})
+    batches = itertools.count()
+
+    def after_forward(_module: nn.Module, _args: tuple, _out) -> None:
+        finding = tracker.finding(next(batches))
+        if finding is not None and not found:
+            found.append(finding)
+
+    with hooks.hooked(tracker.names, tracker.hook), hooks.hooked([model], after_forward, False):
+        yield found
+
+
 def dynamic_findings(
     model: nn.Module, loader: Iterable, phase: str = "eval", max_batches: int = 2
 ) -> list[Finding]:
@@ -182,6 +284,7 @@ def dynamic_findings(
     layers = hooks.batchnorm_layers(model)
     findings: dict[tuple[str, str], Finding] = {}
     names = {m: n for n, m in layers}
+    non_finite = _NonFinite(names)
 
     def hook(module: nn.Module, args: tuple) -> None:
         if module.training:
@@ -189,13 +292,17 @@ def dynamic_findings(
             findings.update(found)
             if any(code == "single-value-per-channel" for code, _ in found):
                 raise _OneValue
+            non_finite.hook(module, args)
 
     with torch.no_grad(), hooks.preserved(model, buffers=True), hooks.hooked(names, hook):
-        for batch in itertools.islice(loader, max_batches):
+        for index, batch in enumerate(itertools.islice(loader, max_batches)):
             try:
                 model(batch[0] if isinstance(batch, (list, tuple)) else batch)
             except _OneValue:
                 pass
+            found = non_finite.finding(index)
+            if found is not None:
+                findings.setdefault((found.code, found.layer), found)  # the first batch
     result = list(findings.values())
     bn_trains = any(m.training for _, m in layers)
     if phase == "train" and bn_trains and _loader_last_batch(loader) == 1:

@@ -15,6 +15,7 @@ from bnlab.experiments.data import TensorLoader
 from bnlab.experiments.models import lenet, mlp
 from bnlab.inference.freeze import freeze_bn
 from bnlab.nn import modules
+from bnlab.nn.hooks import batchnorm_layers
 from bnlab.teaching.doctor import PitfallWarning, diagnose, dynamic_findings, static_findings, warn
 
 # ------------------------------------------------------------------------------ detector
@@ -96,3 +97,68 @@ def test_check_warns_once_per_finding_and_phase_is_validated():
         assert warn(nn.Sequential(model).eval(), [torch.randn(8, 4)]) == []
     with pytest.raises(ValueError, match="phase"):
         diagnose(nn.Sequential(model), [torch.randn(8, 4)], phase="test")
+
+
+# ------------------------------------------------------------------ silent corruption: NaN, inf
+
+
+def _poisoned_images(n: int, bad: float = float("nan")) -> torch.Tensor:
+    x = images(n)
+    x[3, 0, 10, 10] = bad  # one pixel of one image
+    return x
+
+
+@pytest.mark.parametrize("bn", BN_KINDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_running_statistics_poisoned_by_one_batch_are_reported(bn, bad):
+    """One pixel is enough: torch (and bnlab) carry it into every later layer's statistics."""
+    model = bn_lenet(bn).train()
+    with torch.no_grad():
+        model(images(16))
+        model(_poisoned_images(16, bad))
+        model(images(16))  # later clean batches do not wash it out: momentum keeps a share
+    found = [f for f in static_findings(model) if f.code == "non-finite-running-stats"]
+    layers = [name for name, _ in batchnorm_layers(model)]
+    assert [f.layer for f in found] == layers
+    assert "NaN" in found[0].message and "6 of 6 channels" in found[0].message
+    assert "watch" in found[0].message and "recalibrate_bn" in found[0].message
+    clean = bn_lenet(bn).train()
+    with torch.no_grad():
+        clean(images(16))
+    assert "non-finite-running-stats" not in codes(static_findings(clean))
+
+
+@pytest.mark.parametrize("bn", BN_KINDS)
+def test_non_finite_input_is_traced_to_its_layer_and_batch_and_changes_nothing(bn):
+    model = bn_lenet(bn).train()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.cat([images(16), _poisoned_images(16), images(16)])
+    loader = TensorLoader(x, torch.zeros(48), batch_size=16)
+    found = dynamic_findings(model, loader, phase="train", max_batches=3)
+    layers = [name for name, _ in batchnorm_layers(model)]
+    assert [(f.code, f.layer) for f in found] == [("non-finite-input", layers[0])]
+    message = found[0].message
+    assert "batch 1 " in message and "150 NaN and 0 inf" in message, message  # 5x5 x 6 channels
+    assert all(f"'{name}'" in message for name in layers)  # every statistic it poisoned
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert dynamic_findings(model.eval(), loader, phase="eval", max_batches=3) == []
+
+
+def test_watch_names_the_training_batch_that_poisoned_the_statistics():
+    from bnlab.teaching.doctor import watch
+
+    model = bn_lenet("bnlab").train()
+    batches = [images(16, seed=s) for s in range(4)]
+    batches[2] = _poisoned_images(16)
+    with watch(model) as found:
+        for x in batches:  # plain SGD steps: the NaN batch's gradients reach the weights too
+            model.zero_grad()
+            model(x).sum().backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+    assert [(f.code, f.layer) for f in found] == [("non-finite-input", "1")]
+    assert "batch 2 " in found[0].message
+    model(images(16))  # after the block, nothing is watched any more
+    assert len(found) == 1
