@@ -328,3 +328,11 @@ def test_make_chromium_stops_apt_and_its_children_when_time_is_up(tmp_path):
     pids = [int(p) for p in (tmp_path / "bin" / "pids").read_text().split()]
     assert len(pids) == 2 and gone(pids), "apt-get or its child outlived the timeout"
     assert calls == ["-o DPkg::Lock::Timeout=60 install -y -qq chromium"]
+
+
+def test_the_license_file_is_the_license_pyproject_declares():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    text = (ROOT / "LICENSE").read_text()
+    assert meta["license"] == "MIT" and text.startswith("MIT License\n")
+    assert re.search(r"^Copyright \(c\) \d{4} bnlab contributors$", text, re.M)
+    assert 'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND' in text
