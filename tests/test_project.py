@@ -336,3 +336,11 @@ def test_the_license_file_is_the_license_pyproject_declares():
     assert meta["license"] == "MIT" and text.startswith("MIT License\n")
     assert re.search(r"^Copyright \(c\) \d{4} bnlab contributors$", text, re.M)
     assert 'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND' in text
+
+
+def test_every_message_row_of_the_bad_inputs_doc_names_a_test_that_exists():
+    doc = (ROOT / "docs" / "bad-inputs.md").read_text()
+    named = re.findall(r"\| `(tests/[\w/]+\.py)::(test_\w+)` \|$", doc, re.M)
+    assert len(named) >= 12, "the message table lost its rows"
+    for path, name in named:
+        assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.M), f"{path}::{name}"

@@ -421,6 +421,13 @@ def _kernel(x, backend="cpu"):
                                  backend=backend)), list(bn.state_dict().values())  # fmt: skip
 
 
+def _group_norm(x):
+    from bnlab.nn import norms
+
+    gn = norms.GroupNorm(10, 10)
+    return (lambda: gn(x)), list(gn.state_dict().values())
+
+
 BAD_INPUTS = [
     ("running_var of the wrong size", lambda: _functional(running_var=torch.ones(2)),
      ValueError, ["running_var", "shape (3,)"]),
@@ -458,6 +465,8 @@ BAD_INPUTS = [
      TypeError, ["float32 and float64", ".float()"]),
     ("kernels: unknown backend", lambda: _kernel(torch.randn(4, 3, 2, 2), backend="tpu"),
      ValueError, ["backend must be one of", "'cpu'"]),
+    ("norms: GroupNorm with one value in all per group", lambda: _group_norm(torch.randn(1, 10, 1)),
+     ValueError, ["Expected more than 1 value per channel", "fewer groups"]),
 ]  # fmt: skip
 
 

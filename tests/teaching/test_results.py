@@ -238,3 +238,14 @@ def test_a_failed_run_leaves_the_store_as_it_was(tmp_path, monkeypatch):
         results.record("bench.c", 2, "c", table="bench", path=store)
         assert store.read_bytes() == before  # nothing is written before the run's end
     assert set(results.load(store)["figures"]) == {"bench.b", "bench.c"}
+
+
+def test_a_pending_file_cut_short_is_not_committed(tmp_path):
+    """A writer killed mid-line leaves a run that did not finish: it must not reach the store."""
+    store, pending = tmp_path / "results.json", tmp_path / "pending.jsonl"
+    results.save({"schema": results.SCHEMA, "figures": {"05.a": _figure()}}, store)
+    before = store.read_bytes()
+    pending.write_text(json.dumps(["05.b", _figure(1)]) + '\n["05.c", {"tab')
+    with pytest.raises(ValueError, match=r"line 2, is not a recorded figure.*run it again"):
+        results.commit(pending, "05_lenet", store)
+    assert store.read_bytes() == before and pending.exists()
