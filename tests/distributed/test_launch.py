@@ -18,8 +18,14 @@ def _gone(pids: list[int]) -> bool:
     return all(not psutil.pid_exists(pid) or pid not in mine for pid in pids)
 
 
-def test_run_returns_each_ranks_value_in_rank_order():
-    found = launch.run(2, launch.rank_and_size, timeout=60)
+def test_run_returns_each_ranks_value_in_rank_order(monkeypatch):
+    import socket
+
+    with socket.socket() as taken:  # a port "free" a moment ago, taken since by another run
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setattr(launch, "free_port", lambda: taken.getsockname()[1], raising=False)
+        found = launch.run(2, launch.rank_and_size, timeout=60)
     assert [(rank, size) for rank, size, _pid in found] == [(0, 2), (1, 2)]
     pids = [pid for *_, pid in found]
     assert len(set(pids)) == 2 and os.getpid() not in pids
@@ -53,17 +59,20 @@ def test_functions_a_child_cannot_import_by_name_are_refused_before_spawning(fn)
         launch.run(2, fn, timeout=5)
 
 
-def test_a_port_taken_by_another_process_cannot_break_the_launch(monkeypatch):
-    """The rendezvous port is bound by the parent itself and held for the whole run: it is
-    never picked, released and bound again, so a parallel run cannot take it in between."""
+def test_the_rendezvous_port_is_held_from_its_choice_to_the_end_of_the_run():
+    """The parent binds port 0 and keeps the socket: a parallel run cannot take the port
+    between its choice and its use, as it could when a port was read, released and bound."""
     import socket
+    from datetime import timedelta
 
-    with socket.socket() as taken:  # what a parallel run does between "free" and bound
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        monkeypatch.setattr(launch, "free_port", lambda: taken.getsockname()[1], raising=False)
-        found = launch.run(2, launch.rank_and_size, timeout=60)
-    assert [(rank, size) for rank, size, _pid in found] == [(0, 2), (1, 2)]
+    import torch.distributed as dist
+
+    store = launch.rendezvous(timeout=10)
+    with socket.socket() as other, pytest.raises(OSError):  # another program's attempt
+        other.bind(("127.0.0.1", store.port))
+    rank = dist.TCPStore("127.0.0.1", store.port, is_master=False, timeout=timedelta(seconds=10))
+    rank.set("hello", "rank")
+    assert store.get("hello") == b"rank"
 
 
 @pytest.mark.parametrize(
