@@ -188,7 +188,7 @@ def test_a_writer_killed_at_random_moments_never_leaves_unreadable_json(tmp_path
     rng = random.Random(0)
     for _kill in range(12):  # a dozen kills, each at a random moment of a busy writer
         child = _in_child(_write_forever, store)
-        time.sleep(rng.uniform(0.02, 0.3))
+        time.sleep(rng.uniform(0.02, 0.15))
         os.kill(child.pid, signal.SIGKILL)
         child.join()
         figures = results.load(store)["figures"]  # raises on a truncated file
