@@ -389,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         help="notebook-time: a notebook and its seconds; prune: notebooks; commit: a pending file",
     )
     parser.add_argument("--source", help="commit: the run's notebook stem, or bench")
-    parser.add_argument("--store", type=Path, default=STORE, help="default: %(default)s")
+    parser.add_argument(
+        "--store", type=Path, default=STORE, help="commit, prune, notebook-time: the store to write"
+    )
     args = parser.parse_args(argv)
     if args.command == "commit":
         if len(args.args) != 1 or not args.source:
@@ -405,14 +407,14 @@ def main(argv: list[str] | None = None) -> int:
         key = f"timing.notebook.{notebook.stem}"
         write_figure(key, seconds, what, duration(seconds), "timings", "timings", args.store)
     elif args.command == "readme":
-        changed = write_readme(load(args.store))
+        changed = write_readme()
         print(
             "README.md results "
             + ("regenerated from" if changed else "already match")
-            + f" {args.store.relative_to(ROOT) if args.store.is_relative_to(ROOT) else args.store}"
+            + f" {STORE.relative_to(ROOT)}"
         )
     else:
-        print(render(load(args.store)))
+        print(render(load()))
     return 0
 
 
