@@ -108,7 +108,9 @@ chromium:
 
 # Re-execute every notebook in full mode, then store the metadata the installed ipykernel
 # writes and finished progress bars, and sign the results as trusted. A notebook's figures
-# wait in a pending file and reach the results store together once it ran without error.
+# wait in a pending file and reach the results store together once it ran without error;
+# then its code hash and section times are recorded (a test compares the hash).
+# NOTEBOOKS=notebooks/05_lenet.ipynb re-runs one.
 notebooks: data
 	@for nb in $(NOTEBOOKS); do \
 		echo "== $$nb"; start=$$(date +%s); pending=$$(mktemp); \
@@ -117,6 +119,7 @@ notebooks: data
 		$(PY) -m bnlab.teaching.results commit $$pending --source "$$(basename "$$nb" .ipynb)" || exit 1; \
 		secs=$$(( $$(date +%s) - start )); echo "   $$secs s"; \
 		$(PY) -m bnlab.teaching.results notebook-time "$$nb" $$secs; \
+		$(PY) -m bnlab.teaching.results run "$$nb"; \
 	done
 	$(PY) -m bnlab.teaching.results prune $(NOTEBOOKS)
 	$(PY) -m bnlab.teaching.notebooks normalize $(NOTEBOOKS)

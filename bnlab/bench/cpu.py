@@ -303,6 +303,39 @@ def stored_kernel_table(data: dict) -> list[dict]:
     return rows
 
 
+def format_stored_table(data: dict) -> str:
+    """What notebook 04 prints from the store: each allocator's machine line, the ratio of
+    torch's median time to the kernel's per case and mode, and the goals judged on them.
+
+    data: the results store (``bnlab.teaching.results.load()``). A test compares this text,
+    rendered from the current store, with notebook 04's stored output.
+    """
+    table, figures = stored_kernel_table(data), data["figures"]
+    if not table:
+        return "no benchmark figures yet: run `make bench` to fill this table"
+    lines = []
+    for alloc in ("default", "warm"):
+        m = figures[f"bench.cpu.{alloc}.machine"]
+        lines.append(f"{alloc} allocator: {m['text']} (make bench, {m['recorded']})")
+    lines.append(
+        f"\n{'allocator':<10}{'shape':<22}{'layout':<15}"
+        + "".join(f"{mode:>15}" for mode in MODES)
+        + f"{'% copy':>8}"
+    )
+    for r in table:
+        frac = r.get("fwd+bwd copy fraction")
+        lines.append(
+            f"{r['allocator']:<10}{str(tuple(r['shape'])):<22}{r['layout']:<15}"
+            + "".join(f"{r[mode]:>14.2f}x" for mode in MODES)
+            + ("" if frac is None else f"{100 * frac:>7.0f}%")
+        )
+    for alloc in ("default", "warm"):
+        lines.append(f"\ngoals, {alloc} allocator:")
+        for g in figures[f"bench.cpu.{alloc}.goals"]["value"]:
+            lines.append(f"  {'met    ' if g['met'] else 'NOT met'}  {g['what']}: {g['value']:.2f}")
+    return "\n".join(lines)
+
+
 def goals(cases: list[dict]) -> list[dict]:
     """Issue 17's targets for the CPU kernel, judged on the medians of ``cases``."""
 

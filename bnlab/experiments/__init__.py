@@ -5,7 +5,9 @@
 - ``models``: LeNet, MLPs, a small CNN, a small ResNet, noise layers after BN, BN swapped
   for GroupNorm or Batch Renorm, initializations (01, 05, 06, 08);
 - ``train``: the one training step/epoch loop, ``fit``, accuracy and evaluation (all);
-- ``sweeps``: seeds, learning rates, initialization scales (05, 08);
+- ``sweeps``: seeds, learning rates, initialization scales, and ``compare``, the one way
+  two arms are compared (the interval of their difference) (05, 06, 08, 09);
+- ``batch_size``: the equal-steps protocol across batch sizes (06, 08);
 - ``probes``: measuring inside a training run: covariate shift, moments,
   variance shift (01, 06, 08).
 """

@@ -33,7 +33,7 @@ from bnlab.experiments.datafiles import (
 __all__ = [
     "CLASSES", "FAST_TEST", "FAST_TRAIN", "Data", "DataError", "DownloadError", "TensorLoader",
     "class_sorted", "download", "ensure", "fashion_mnist", "load_tensors", "locate",
-    "prototype_images", "read_idx", "search_dirs", "setup_data", "subset", "verify",
+    "prototype_images", "read_idx", "search_dirs", "setup_data", "split", "subset", "verify",
     "verify_file",
 ]  # fmt: skip
 
@@ -96,11 +96,18 @@ class TensorLoader:
 
 @dataclass
 class Data:
-    """A train loader (shuffled) and a test loader over Fashion-MNIST."""
+    """A train loader (shuffled), a test loader and, when asked for, a validation loader.
+
+    ``val`` holds images drawn from Fashion-MNIST's 60 000 training images, disjoint from
+    ``train``: the held-out set on which the course makes its choices (learning rates,
+    initializations), so that ``test`` is read only to report a chosen model. None when
+    no validation split was asked for.
+    """
 
     train: TensorLoader
     test: TensorLoader
     classes: list[str]
+    val: TensorLoader | None = None
 
 
 def subset(
@@ -115,29 +122,61 @@ def subset(
     return x[idx], y[idx]
 
 
+def split(
+    x: torch.Tensor, y: torch.Tensor, n_val: int, n_train: int | None, seed: int = 0
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Disjoint validation and training subsets of (x, y): ((x_val, y_val), (x_train, y_train)).
+
+    One random permutation (``seed``) of the N examples: the first ``n_val`` are the
+    validation set, the next ``n_train`` the training set (all the rest when n_train is None).
+    """
+    if n_val < 1:
+        raise ValueError(f"n_val must be >= 1 (got {n_val}); pass n_val=None for no validation set")
+    rest = len(x) - n_val
+    if rest < 1 or (n_train is not None and not 1 <= n_train <= rest):
+        raise ValueError(
+            f"n_val={n_val} and n_train={n_train} do not fit in {len(x)} training images: "
+            f"n_val + n_train must be at most {len(x)}"
+        )
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    val, train = order[:n_val], order[n_val : n_val + (rest if n_train is None else n_train)]
+    return (x[val], y[val]), (x[train], y[train])
+
+
 def fashion_mnist(
     batch_size: int = 256,
     n_train: int | None = None,
     n_test: int | None = None,
     fast: bool | None = None,
     seed: int = 0,
+    n_val: int | None = None,
 ) -> Data:
     """Fashion-MNIST loaders from in-memory tensors.
 
     n_train, n_test: subset sizes; by default all 60000/10000 in full mode and
     FAST_TRAIN/FAST_TEST in FAST mode (``fast`` overrides the environment's choice).
+    n_val: the size of a validation set drawn from the training images, disjoint from the
+    training subset (with n_train None, the training subset is all the rest); ``Data.val``.
     Subsets are fixed random draws (``seed``), the same in every run.
     """
     use_fast = pick(True, False) if fast is None else fast
     if use_fast:
         n_train = FAST_TRAIN if n_train is None else n_train
         n_test = FAST_TEST if n_test is None else n_test
-    x_train, y_train = subset(*load_tensors(train=True), n_train, seed)
+    x_all, y_all = load_tensors(train=True)
+    val = None
+    if n_val is None:
+        x_train, y_train = subset(x_all, y_all, n_train, seed)
+    else:
+        (x_val, y_val), (x_train, y_train) = split(x_all, y_all, n_val, n_train, seed)
+        # evaluation does not depend on the batch size in eval mode: large batches are faster
+        val = TensorLoader(x_val, y_val, max(batch_size, 256), shuffle=False)
     x_test, y_test = subset(*load_tensors(train=False), n_test, seed)
     return Data(
         train=TensorLoader(x_train, y_train, batch_size, shuffle=True, seed=seed),
         test=TensorLoader(x_test, y_test, batch_size, shuffle=False),
         classes=CLASSES,
+        val=val,
     )
 
 

@@ -126,13 +126,19 @@ def _weighted_layers(model: nn.Module) -> list[nn.Module]:
     return [m for _, m in layers(model, (nn.Conv2d, nn.Linear))]
 
 
-def init_xavier(model: nn.Module) -> nn.Module:
+def init_xavier(model: nn.Module, gain: float = 1.0) -> nn.Module:
     """Xavier-uniform weights for every Conv2d and Linear, biases left as they are (d2l's init).
 
-    d2l's ``init_cnn`` / ``init_weights`` do exactly this before training LeNet. Returns model.
+    d2l's ``init_cnn`` / ``init_weights`` do exactly this before training LeNet (gain 1).
+    Glorot & Bengio (2010) derive the scale for units of slope 1 at 0; the sigmoid's slope
+    there is 1/4, and ``gain=4`` is the correction Bengio (2012, "Practical recommendations
+    for gradient-based training of deep architectures", arXiv:1206.5533) gives for sigmoid
+    units. Returns model.
     """
+    if gain <= 0:
+        raise ValueError(f"gain must be > 0 (got {gain})")
     for layer in _weighted_layers(model):
-        nn.init.xavier_uniform_(layer.weight)
+        nn.init.xavier_uniform_(layer.weight, gain=gain)
     return model
 
 

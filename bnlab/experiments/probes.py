@@ -6,6 +6,7 @@ Each probe watches layers through :mod:`bnlab.nn.hooks` and leaves the model as 
   (notebooks 01, 03's histograms);
 - :class:`ShiftMonitor`: per-layer, per-step channel means and stds during training, and the
   covariate-shift statistic built from them (Santurkar et al. 2018; notebooks 01, 08);
+- :func:`gradient_ics`: Santurkar et al.'s gradient-based internal covariate shift (08);
 - :func:`moments`: per-channel mean, std, skewness and kurtosis of activations (08);
 - :func:`signal_and_gradient`: pre-activation spread, saturation and per-layer gradient norms
   of a deep net on one batch (05);
@@ -14,6 +15,8 @@ Each probe watches layers through :mod:`bnlab.nn.hooks` and leaves the model as 
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import Tensor, nn
@@ -99,16 +102,79 @@ class ShiftMonitor:
         """
         return torch.stack([torch.stack(self.spreads[n]) for n in self.names], dim=1)
 
-    def shift(self) -> list[float]:
-        """The covariate-shift statistic of each monitored layer, in forward order."""
+    def shift(self, relative: bool = False) -> list[float]:
+        """The covariate-shift statistic of each monitored layer, in forward order.
+
+        relative: divide each step's change by the channel's std at the step before, so
+        that the number is in units of the layer's own spread and means the same for
+        networks whose activations have different scales (BN's input and the same layer's
+        output in a network without BN).
+        """
         out = []
         for name in self.names:
             if len(self.means[name]) < 2:
                 raise ValueError("ShiftMonitor saw fewer than 2 training steps; train inside it")
             mu, sd = torch.stack(self.means[name]), torch.stack(self.stds[name])  # (steps, C)
-            step = (mu.diff(dim=0).abs() + sd.diff(dim=0).abs()).mean()
-            out.append(step.item())
+            change = mu.diff(dim=0).abs() + sd.diff(dim=0).abs()
+            if relative:
+                change = change / sd[:-1].clamp_min(1e-12)
+            out.append(change.mean().item())
         return out
+
+
+def _copy_without_hooks(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with none of its hooks: a probe's own forward passes must
+    not reach the monitors watching the model (a ShiftMonitor would count them as steps)."""
+    memo = {
+        id(value): type(value)()
+        for module in model.modules()
+        for name, value in vars(module).items()
+        if "hook" in name and isinstance(value, dict)
+    }
+    return copy.deepcopy(model, memo)
+
+
+def _gradients(model: nn.Module, x: Tensor, y: Tensor, loss_fn) -> list[Tensor]:
+    """The loss's gradient for every parameter of ``model``, in ``parameters()`` order."""
+    loss = loss_fn(model(x), y)
+    return [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]
+
+
+def gradient_ics(
+    model: nn.Module, x: Tensor, y: Tensor, lr: float, loss_fn=nn.functional.cross_entropy
+) -> list[dict[str, float]]:
+    """Santurkar et al.'s internal covariate shift, measured through the gradient, on one batch.
+
+    Santurkar, Tsipras, Ilyas & Madry 2018 (arXiv:1805.11604), Definition 2.1: for layer i,
+    G_i is the gradient of the loss with respect to its weights W_i; G'_i the same gradient
+    after one SGD step (learning rate ``lr``, on this batch) has updated every parameter
+    *before* layer i, layer i and those after it unchanged. If the updates of the layers
+    before change what layer i should do, G'_i differs from G_i. Returns, for every
+    Linear/Conv2d after the first, in forward order: {"l2": |G - G'| / |G|, "cosine":
+    cos(G, G')}.
+
+    Measured on copies in the model's current mode (training mode: batch statistics), so
+    the model and its running statistics are left as they were, and without the model's
+    hooks, so monitors watching it do not see these passes; every copy starts from the
+    model's noise generators (noisy BN), so G and G' see the same noise.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    weights = [n for n, _ in hooks.layers(model, (nn.Linear, nn.Conv2d))]
+    index = [names.index(f"{layer}.weight") for layer in weights]
+    grads = _gradients(_copy_without_hooks(model), x, y, loss_fn)
+    out = []
+    for i in index[1:]:
+        shifted = _copy_without_hooks(model)
+        with torch.no_grad():
+            for k, p in enumerate(shifted.parameters()):
+                if k < i:  # the parameters of the layers before layer i
+                    p.sub_(lr * grads[k])
+        before, after = grads[i], _gradients(shifted, x, y, loss_fn)[i]
+        cosine = nn.functional.cosine_similarity(after.flatten(), before.flatten(), dim=0)
+        out.append(
+            {"l2": ((after - before).norm() / before.norm()).item(), "cosine": cosine.item()}
+        )
+    return out
 
 
 def moments(x: Tensor) -> dict[str, float]:

@@ -11,9 +11,12 @@ Serves notebooks 05 and 08.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 from torch import nn
 
 from bnlab.config import seed_everything
@@ -109,76 +112,34 @@ def lr_sweep(
     )
 
 
-def final_accuracy(results: dict[float, list[History]]) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std over seeds of the final test accuracy, one entry per swept value."""
-    stats = [_mean_std(np.array([h.final_test_acc for h in hs])) for hs in results.values()]
-    return np.array([m for m, _ in stats]), np.array([s for _, s in stats])
+FINAL = {"val_acc": "final_val_acc", "test_acc": "final_test_acc"}
+
+
+def final_accuracy(
+    results: dict[float, list[History]], key: str = "val_acc"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std over seeds of the final accuracy, one entry per swept value.
+
+    key: "val_acc" (the default: sweeps choose, so they read the validation set) or
+    "test_acc" (a sweep reported as such, with its test set read once per run).
+    """
+    if key not in FINAL:
+        raise ValueError(f"key must be one of {sorted(FINAL)} (got {key!r})")
+    finals = [[getattr(h, FINAL[key]) for h in hs] for hs in results.values()]
+    stats_ = [_mean_std(np.array(f)) for f in finals]
+    return np.array([m for m, _ in stats_]), np.array([s for _, s in stats_])
 
 
 def best_value(results: dict[float, list[History]]) -> tuple[float, float]:
-    """The swept value with the highest mean final test accuracy, and that accuracy.
+    """The swept value with the highest mean final *validation* accuracy, and that accuracy.
 
     Ties go to the first value in sweep order. A fair comparison picks each model's best
-    learning rate from the same grid this way and reports both numbers.
+    learning rate (or init) from the same grid this way, on held-out data, with selection
+    seeds apart from the seeds it then reports; it never looks at the test set.
     """
-    accuracies, _ = final_accuracy(results)
+    accuracies, _ = final_accuracy(results, "val_acc")
     index = int(np.argmax(accuracies))
     return list(results)[index], float(accuracies[index])
-
-
-def _lentz(num: float, d: float, c: float) -> tuple[float, float]:
-    tiny = 1e-300
-    d = 1.0 + num * d
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    c = 1.0 + num / c
-    return d, (c if abs(c) > tiny else tiny)
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz, Numerical Recipes)."""
-    d, c = _lentz(-(a + b) * x / (a + 1.0), 1.0, 1.0)
-    c, h = 1.0, d
-    for m in range(1, 300):
-        d, c = _lentz(m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)), d, c)
-        h *= d * c
-        d, c = _lentz(-(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)), d, c)
-        h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """The regularized incomplete beta function I_x(a, b), 0 <= x <= 1."""
-    if x <= 0.0 or x >= 1.0:
-        return max(0.0, min(1.0, x))
-    log_front = (
-        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    )
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """Student's t distribution's CDF with ``df`` degrees of freedom."""
-    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
-
-
-def t_quantile(p: float, df: float) -> float:
-    """Student's t quantile: the t with ``t_cdf(t, df) == p`` (bisection, ~1e-12)."""
-    if not 0.0 < p < 1.0 or df <= 0:
-        raise ValueError(f"need 0 < p < 1 and df > 0 (got p={p!r}, df={df!r})")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        lo, hi = hi, hi * 2.0
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-    return 0.5 * (lo + hi)
 
 
 def mean_and_interval(
@@ -186,34 +147,222 @@ def mean_and_interval(
 ) -> tuple[float, float, float]:
     """Mean, sample standard deviation and the half-width of the t-based interval of the mean.
 
-    half-width = t_{(1 + confidence) / 2, n - 1} * std / sqrt(n): with 5 seeds and 95 %,
-    t = 2.776, wider than the normal 1.96 because the std itself is estimated from 5 runs.
+    half-width = t_{(1 + confidence) / 2, n - 1} * std / sqrt(n) (``scipy.stats.t.ppf``): with
+    5 seeds and 95 %, t = 2.776, wider than the normal 1.96 because the std itself is
+    estimated from 5 runs.
     """
     values = np.asarray(values, dtype=float)
     if len(values) < 2:
         raise ValueError(f"an interval needs at least 2 values (got {len(values)})")
     std = float(values.std(ddof=1))
-    t = t_quantile((1 + confidence) / 2, len(values) - 1)
+    t = float(stats.t.ppf((1 + confidence) / 2, len(values) - 1))
     return float(values.mean()), std, t * std / math.sqrt(len(values))
 
 
-def compare_seeds(
+@dataclass(frozen=True)
+class Comparison:
+    """Two arms compared by the interval of their difference (:func:`compare`).
+
+    difference: mean of the first arm minus mean of the second; low, high: its interval at
+    ``confidence``; p_value: two-sided, for "no difference in means"; test: "Welch t" or
+    "paired t"; verdict: "<first> ahead", "<second> ahead" or "not resolved"; n: the number
+    of values per arm.
+    """
+
+    names: tuple[str, str]
+    difference: float
+    low: float
+    high: float
+    p_value: float
+    test: str
+    verdict: str
+    n: tuple[int, int]
+    confidence: float = 0.95
+
+    @property
+    def half_width(self) -> float:
+        """Half the width of the interval: the smallest difference this design resolves."""
+        return (self.high - self.low) / 2
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the interval excludes 0 (one arm is ahead at this confidence)."""
+        return self.verdict != "not resolved"
+
+    def interval(self, digits: int = 3) -> str:
+        """``"0.138 [0.068, 0.208]"``: the difference and its interval."""
+        return f"{self.difference:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+
+    def sentence(self, digits: int = 3) -> str:
+        """The verdict as the course states it, e.g. ``"BN ahead by 0.138 [0.068, 0.208]"``.
+
+        A resolved difference reads "<arm> ahead by d [lo, hi]" with d > 0 (the interval of
+        the leading arm's advantage); an unresolved one reads "not resolved with n seeds:
+        this design resolves only differences larger than h", h the interval's half-width.
+        """
+        seeds = (
+            f"{self.n[0]} seeds" if self.n[0] == self.n[1] else f"{self.n[0]} + {self.n[1]} seeds"
+        )
+        if math.isinf(self.half_width):
+            return (
+                f"not resolved with {seeds}: every run gave the same value (difference "
+                f"{self.difference:.{digits}f}), so the runs cannot estimate its spread"
+            )
+        if not self.resolved:
+            return (
+                f"not resolved with {seeds} ({self.test}, difference {self.interval(digits)}): "
+                f"this design resolves only differences larger than {self.half_width:.{digits}f}"
+            )
+        sign = 1 if self.difference > 0 else -1
+        lo, hi = sorted((sign * self.low, sign * self.high))
+        return (
+            f"{self.verdict} by {sign * self.difference:.{digits}f} [{lo:.{digits}f}, "
+            f"{hi:.{digits}f}] ({self.test}, {seeds}, p = {self.p_value:.2g})"
+        )
+
+    def __str__(self) -> str:
+        return self.sentence()
+
+
+def compare(
     first: Sequence[float],
     second: Sequence[float],
     names: tuple[str, str],
+    *,
+    paired: bool = False,
     confidence: float = 0.95,
-) -> str:
-    """Which of two sets of per-seed results is ahead: "<name> ahead" or "intervals overlap".
+    lower_is_better: bool = False,
+    word: str = "ahead",
+) -> Comparison:
+    """Compare two arms by the t-interval of the difference of their means.
 
-    One side is ahead only when its whole t-interval of the mean (:func:`mean_and_interval`)
-    lies above the other's; otherwise the seeds cannot tell the two apart.
+    first, second: one value per run (e.g. final test accuracy per seed). Welch's t
+    (``scipy.stats.ttest_ind(equal_var=False)``) by default; ``paired=True`` when both arms
+    ran the same seeds in the same order, so that run i of each shares its seed (the same
+    initial data order): then the interval is that of the mean per-seed difference
+    (``scipy.stats.ttest_rel``). The verdict names the arm ahead when the interval excludes
+    0, else "not resolved"; overlapping intervals of the two *means* are not the test.
+    lower_is_better: the arm with the lower mean is the one ahead (e.g. steps to a
+    threshold). word: what the verdict calls the arm with the larger value when "ahead" is
+    not meant, e.g. ``word="higher"`` for a measured shift. Every value must be finite: a
+    run that never reached a threshold has no step count to average (:func:`compare_steps`).
     """
-    (m1, _, h1), (m2, _, h2) = (mean_and_interval(v, confidence) for v in (first, second))
-    if m1 - h1 > m2 + h2:
-        return f"{names[0]} ahead"
-    if m2 - h2 > m1 + h1:
-        return f"{names[1]} ahead"
-    return "intervals overlap"
+    a, b = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(
+            f"compare needs at least 2 values per arm (got {len(a)} and {len(b)}): run more seeds"
+        )
+    if paired and len(a) != len(b):
+        raise ValueError(
+            f"paired=True needs the same seeds in both arms (got {len(a)} and {len(b)} values); "
+            "pass paired=False for Welch's test"
+        )
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1) (got {confidence})")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError(
+            "compare needs finite values (got inf or nan: a run that never reached its "
+            "threshold within the cap); report how many runs reached it instead"
+        )
+    test = "paired t" if paired else "Welch t"
+    difference = float(a.mean() - b.mean())
+    spread = np.ptp(a - b) if paired else max(np.ptp(a), np.ptp(b))
+    scale = max(1.0, float(np.abs(np.concatenate([a, b])).max()))
+    if spread <= 1e-9 * scale:
+        # no variation (up to rounding: accuracies on one test set can tie): the t interval
+        # is undefined (scipy gives nan), so nothing is resolved
+        low, high, p_value = -math.inf, math.inf, 1.0
+    else:
+        with warnings.catch_warnings():  # near-constant arms: scipy's precision warning
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result = stats.ttest_rel(a, b) if paired else stats.ttest_ind(a, b, equal_var=False)
+        low, high = (float(v) for v in result.confidence_interval(confidence))
+        p_value = float(result.pvalue)
+    first_ahead, second_ahead = (high < 0, low > 0) if lower_is_better else (low > 0, high < 0)
+    if first_ahead:
+        verdict = f"{names[0]} {word}"
+    elif second_ahead:
+        verdict = f"{names[1]} {word}"
+    else:
+        verdict = "not resolved"
+    return Comparison(
+        names=tuple(names), difference=difference, low=low, high=high, p_value=p_value,
+        test=test, verdict=verdict, n=(len(a), len(b)), confidence=confidence,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CensoredComparison:
+    """Steps to a threshold when some runs never reached it within the cap.
+
+    A run that never got there has no step count, only "more than the cap", so the two
+    arms are compared by ranks (Mann-Whitney U, every such run tied above every count):
+    verdict "<arm> ahead" (the arm that gets there in fewer steps) or "not resolved".
+    """
+
+    names: tuple[str, str]
+    reached: tuple[int, int]
+    n: tuple[int, int]
+    cap: int
+    p_value: float
+    verdict: str
+
+    @property
+    def resolved(self) -> bool:
+        return self.verdict != "not resolved"
+
+    def sentence(self) -> str:
+        counts = (
+            f"{self.reached[0]} of {self.n[0]} {self.names[0]} runs and {self.reached[1]} of "
+            f"{self.n[1]} {self.names[1]} runs reached it within {self.cap} steps"
+        )
+        p = f"Mann-Whitney U, p = {self.p_value:.2g}"
+        if not self.resolved:
+            return f"not resolved ({counts}; {p})"
+        return f"{self.verdict} ({counts}; {p})"
+
+    def __str__(self) -> str:
+        return self.sentence()
+
+
+def compare_steps(
+    first: Sequence[float],
+    second: Sequence[float],
+    names: tuple[str, str],
+    cap: int,
+    *,
+    paired: bool = True,
+    confidence: float = 0.95,
+) -> Comparison | CensoredComparison:
+    """Compare steps to a threshold (``History.steps_to``: inf for a run that never got there).
+
+    When every run reached the threshold, :func:`compare` (paired by seed by default, the
+    arm with fewer steps ahead); otherwise ranks, with each run that never got there
+    counted as slower than every run that did (:class:`CensoredComparison`).
+    """
+    a, b = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
+    if np.isfinite(a).all() and np.isfinite(b).all():
+        return compare(a, b, names, paired=paired, confidence=confidence, lower_is_better=True)
+    ranked_a, ranked_b = (np.where(np.isfinite(v), v, cap + 1.0) for v in (a, b))
+    if len(set(ranked_a) | set(ranked_b)) == 1:  # nobody reached it: nothing to rank
+        p_value = 1.0
+    else:
+        p_value = float(stats.mannwhitneyu(ranked_a, ranked_b, alternative="two-sided").pvalue)
+    verdict = "not resolved"
+    if p_value < 1 - confidence:
+        verdict = (
+            f"{names[0]} ahead"
+            if np.median(ranked_a) < np.median(ranked_b)
+            else f"{names[1]} ahead"
+        )
+    return CensoredComparison(
+        names=tuple(names),
+        reached=(int(np.isfinite(a).sum()), int(np.isfinite(b).sum())),
+        n=(len(a), len(b)),
+        cap=cap,
+        p_value=p_value,
+        verdict=verdict,
+    )
 
 
 def trainable_range(

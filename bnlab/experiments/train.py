@@ -63,12 +63,22 @@ _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 
 @dataclass
 class History:
-    """Per-epoch measurements of one training run; every list has one entry per epoch."""
+    """Measurements of one training run.
+
+    Per epoch: train_loss, train_acc (on each batch as it was trained on), seconds, and
+    val_acc when the data has a validation set. test_acc holds one entry per epoch, one
+    (after the last epoch) or none, as ``fit``'s ``test`` asked. With ``fit(eval_every=k)``,
+    curve_steps and curve_val hold the validation accuracy every k optimizer steps.
+    """
 
     train_loss: list[float] = field(default_factory=list)
     train_acc: list[float] = field(default_factory=list)
     test_acc: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    val_acc: list[float] = field(default_factory=list)
+    curve_steps: list[int] = field(default_factory=list)
+    curve_val: list[float] = field(default_factory=list)
+    steps: int = 0
 
     def as_dict(self) -> dict[str, list[float]]:
         """The history as a plain dict of lists (for JSON or pandas)."""
@@ -77,13 +87,35 @@ class History:
     @property
     def final_test_acc(self) -> float:
         """Test accuracy after the last epoch."""
+        if not self.test_acc:
+            raise ValueError(
+                "this run never read the test set (fit(test='never'), a selection run); "
+                "select on final_val_acc, then train the chosen setting with test='final'"
+            )
         return self.test_acc[-1]
+
+    @property
+    def final_val_acc(self) -> float:
+        """Validation accuracy after the last epoch."""
+        if not self.val_acc:
+            raise ValueError("this run had no validation set: build the data with n_val=...")
+        return self.val_acc[-1]
 
     def epochs_to(self, target: float, key: str = "test_acc") -> float:
         """The first epoch (1-based) at which ``<key>`` reaches ``target``; inf if never."""
         for epoch, value in enumerate(getattr(self, key), start=1):
             if value >= target:
                 return epoch
+        return math.inf
+
+    def steps_to(self, target: float) -> float:
+        """The first optimizer step at which validation accuracy reached ``target``; inf if
+        never within the run (its cap). Needs ``fit(eval_every=k)``: resolution k steps."""
+        if not self.curve_steps:
+            raise ValueError("steps_to needs a validation curve: fit(..., eval_every=k)")
+        for step, value in zip(self.curve_steps, self.curve_val, strict=True):
+            if value >= target:
+                return step
         return math.inf
 
 
@@ -205,10 +237,14 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device=None,
+    after_step: Callable[[], bool] | None = None,
 ) -> tuple[float, float]:
     """One :func:`train_step` per batch, in training mode; returns (mean loss, accuracy).
 
     Both are averaged over examples, measured on each batch as it was trained on.
+    after_step: called after every optimizer step (e.g. to evaluate every k steps); the
+    model is put back in training mode after it, and the epoch ends early when it
+    returns True.
     """
     model.train()
     loss_sum, correct, count = 0.0, 0, 0
@@ -219,6 +255,11 @@ def train_epoch(
         loss_sum += loss.item() * len(y)
         correct += (logits.argmax(dim=1) == y).sum().item()
         count += len(y)
+        if after_step is not None:
+            stop = after_step()
+            model.train()
+            if stop:
+                break
     if count == 0:
         raise ValueError("train_epoch got no batches: the loader is empty")
     return loss_sum / count, correct / count
@@ -271,6 +312,63 @@ class RandomBatches:
             yield self.x[idx], self.y[idx]
 
 
+TEST_POLICIES = ("epochs", "final", "never")
+
+
+class _Evaluations:
+    """What ``fit`` measures besides training: the validation curve, the per-epoch
+    validation and test accuracy, and whether the run has reached its ``stop_at``."""
+
+    def __init__(self, model, data, device, test, eval_every, stop_at, history) -> None:
+        self.model, self.data, self.device, self.history = model, data, device, history
+        self.test, self.eval_every, self.stop_at = test, eval_every, stop_at
+        self.val = getattr(data, "val", None)
+
+    def reached(self) -> bool:
+        """Whether the last point of the validation curve reached ``stop_at``."""
+        curve = self.history.curve_val
+        return self.stop_at is not None and bool(curve) and curve[-1] >= self.stop_at
+
+    def after_step(self) -> bool:
+        """Count the step, evaluate when due; whether to stop (the threshold is reached)."""
+        h = self.history
+        h.steps += 1
+        if self.eval_every is not None and h.steps % self.eval_every == 0:
+            h.curve_steps.append(h.steps)
+            h.curve_val.append(evaluate(self.model, self.val, self.device)[1])
+            return self.reached()
+        return False
+
+    def end_epoch(self, last: bool) -> dict[str, str]:
+        """Validation (every epoch) and test (as ``test`` asks) accuracy; what the bar shows."""
+        h, shown = self.history, {}
+        if self.val is not None:
+            at_curve = h.curve_steps and h.curve_steps[-1] == h.steps  # measured just now
+            h.val_acc.append(
+                h.curve_val[-1] if at_curve else evaluate(self.model, self.val, self.device)[1]
+            )
+            shown["val_acc"] = f"{h.val_acc[-1]:.3f}"
+        if self.test == "epochs" or (self.test == "final" and last):
+            h.test_acc.append(evaluate(self.model, self.data.test, self.device)[1])
+            shown["test_acc"] = f"{h.test_acc[-1]:.3f}"
+        return shown
+
+
+def _check_fit_args(data, epochs: int, test: str, eval_every, stop_at) -> None:
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1 (got {epochs})")
+    if test not in TEST_POLICIES:
+        raise ValueError(f"test must be one of {TEST_POLICIES} (got {test!r})")
+    val = getattr(data, "val", None)
+    if eval_every is not None and (eval_every < 1 or val is None):
+        raise ValueError(
+            f"eval_every needs a validation set and a step count >= 1 (got {eval_every}, "
+            f"data.val {'missing: build the data with n_val=...' if val is None else 'present'})"
+        )
+    if stop_at is not None and eval_every is None:
+        raise ValueError("stop_at needs eval_every: the curve on which the threshold is checked")
+
+
 def fit(
     model: nn.Module,
     data,
@@ -282,20 +380,32 @@ def fit(
     progress: bool = True,
     device=None,
     callback: Callable[[int, History], None] | None = None,
+    test: str = "epochs",
+    eval_every: int | None = None,
+    stop_at: float | None = None,
     **optimizer_kwargs,
 ) -> History:
-    """Train ``model`` on ``data.train`` for ``epochs`` epochs, evaluating on ``data.test``.
+    """Train ``model`` on ``data.train`` for ``epochs`` epochs, evaluating as asked.
 
     data: anything with ``train`` and ``test`` iterables of (x (N, 1, 28, 28), y (N,)),
         e.g. ``bnlab.data.fashion_mnist(...)``; ``train.reseed(seed)`` is called if present.
+        When it has a ``val`` loader (``fashion_mnist(n_val=...)``), validation accuracy is
+        measured after every epoch (``History.val_acc``).
     seed: seeds torch and the train loader's shuffling (None leaves both as they are).
         The model's initial weights are the caller's: seed before building the model.
     flush_denormal: flush float32 subnormals to zero during training (see module docstring).
     callback: called as callback(epoch, history) after each epoch.
+    test: "epochs" evaluates the test set after every epoch (d2l's loop), "final" once
+        when the run ends (a reported run), "never" not at all (a selection run, whose
+        choices must rest on validation accuracy alone).
+    eval_every: also measure validation accuracy every ``eval_every`` optimizer steps
+        (``History.curve_steps``, ``curve_val``, :meth:`History.steps_to`); needs ``data.val``.
+    stop_at: end training at the first validation point of the curve that reaches this
+        accuracy (a run that measures only its steps to a threshold); needs ``eval_every``.
+        The epoch in progress ends there: its entries cover the steps it made.
     Returns the History; the model is left in training mode, trained.
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1 (got {epochs})")
+    _check_fit_args(data, epochs, test, eval_every, stop_at)
     if seed is not None:
         seed_everything(seed)
         if hasattr(data.train, "reseed"):
@@ -304,18 +414,21 @@ def fit(
         model.to(device)
     opt = make_optimizer(optimizer, model.parameters(), lr, **optimizer_kwargs)
     history = History()
+    run = _Evaluations(model, data, device, test, eval_every, stop_at, history)
     bar = ProgressBar(range(epochs), desc="epochs", disable=not progress)
     with flush_denormals(flush_denormal):
         for epoch in bar:
             start = time.perf_counter()
-            train_loss, train_acc = train_epoch(model, opt, data.train, device)
-            _, test_acc = evaluate(model, data.test, device)
+            train_loss, train_acc = train_epoch(model, opt, data.train, device, run.after_step)
             history.train_loss.append(train_loss)
             history.train_acc.append(train_acc)
-            history.test_acc.append(test_acc)
+            stop = run.reached()
+            shown = run.end_epoch(last=stop or epoch == epochs - 1)
             history.seconds.append(time.perf_counter() - start)
-            bar.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{test_acc:.3f}")
+            bar.set_postfix(loss=f"{train_loss:.3f}", **shown)
             if callback is not None:
                 callback(epoch, history)
+            if stop:
+                break
     model.train()
     return history

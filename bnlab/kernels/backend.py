@@ -9,8 +9,8 @@ choice has to be made *before* that import, which is what :func:`cuda_module` do
 - otherwise a GPU visible to torch means the real target, and no GPU means the
   simulator, announced with a one-line notice on stderr (in a notebook, in the cell).
 
-The simulator runs each CUDA thread as a Python thread (about a millisecond each) and
-has no warp shuffles: it is for correctness on tiny shapes, never for speed.
+The simulator runs each CUDA thread as a Python thread (milliseconds each; notebook 04
+measures it) and has no warp shuffles: it is for correctness on tiny shapes, never for speed.
 
 Serves notebook 04.
 """

@@ -4,13 +4,15 @@
 - ``exercises``: the checkers of every notebook's closing exercises, whose reference
   solutions CI runs from ``solutions/`` (01-08);
 - ``widgets``: the eps / momentum / batch-size dashboard (03);
-- ``plots``: matplotlib helpers, one picture each (01, 03, 05, 06);
+- ``plots``: matplotlib helpers, one picture each (01, 03, 05, 06, 08);
 - ``show``: a function's real source, and side-by-side numeric comparisons (02, 03, 07);
 - ``doctor``: a detector for train/eval pitfalls (06);
 - ``errata``: the rows of notebook 10 (the errata of the five seed posts), read back and
   counted (10);
 - ``results``: the results store that full runs write, and the README tables built from it
   (``make readme``);
+- ``prose``: every number in the notebooks' and the README's prose is measured or listed
+  (``make test``);
 - ``timings``: how long the README's commands take, measured from a fresh clone
   (``make timings``);
 - ``glossary``: the bilingual glossary ``docs/glossary.md`` and its course checks (01-08);

@@ -26,9 +26,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from scipy import stats
 from torch import Tensor, nn
 
-from bnlab.experiments.sweeps import t_quantile
 from bnlab.nn import functional as F
 from bnlab.nn.hooks import batchnorm_layers, layers, leaves
 from bnlab.nn.modules import is_batchnorm
@@ -487,7 +487,7 @@ def _interval(values: Tensor, confidence: float, variant: str | None = None) -> 
     std = values.std(unbiased=variant != POPULATION_STD)
     p = 0.5 + confidence / 2
     normal = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(p, dtype=_F64)).item()
-    q = normal if variant == Z_INSTEAD_OF_T else t_quantile(p, n - 1)
+    q = normal if variant == Z_INSTEAD_OF_T else float(stats.t.ppf(p, n - 1))
     se = std / (n if variant == DIVIDES_BY_N else math.sqrt(n))
     return torch.stack([values.mean(), q * se])
 

@@ -3,7 +3,7 @@
 Every function draws on the ``ax`` (or axes) it is given, or makes a new figure, and
 returns what it drew on, so a notebook can assert on the data and add to the plot.
 
-Serves notebooks 01, 03, 05 and 06.
+Serves notebooks 01, 03, 05, 06 and 08.
 """
 
 from __future__ import annotations
@@ -144,4 +144,35 @@ def accuracy_runs(
     ax.set(xlabel="epoch", ylabel="test accuracy", title=title, ylim=(0, 1))
     ax.axhline(chance, color="gray", ls=":", lw=1, label="chance")
     ax.legend()
+    return ax
+
+
+def validation_curves(
+    runs: dict,
+    threshold: float | None = None,
+    ax: plt.Axes | None = None,
+    title: str = "",
+    chance: float = 0.1,
+) -> plt.Axes:
+    """Validation accuracy against optimizer steps: each seed thin, the mean of each arm bold.
+
+    ``runs`` maps an arm's name to a list of ``bnlab.train.History`` measured with
+    ``fit(eval_every=k)`` (one per seed); runs stopped early at a threshold end there.
+    ``threshold`` draws the line that steps-to-threshold counts to.
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.4))
+    for i, (name, histories) in enumerate(runs.items()):
+        for h in histories:
+            ax.plot(h.curve_steps, h.curve_val, color=f"C{i}", lw=0.8, alpha=0.45)
+        length = min(len(h.curve_val) for h in histories)
+        if length:
+            mean = np.mean([h.curve_val[:length] for h in histories], axis=0)
+            steps = histories[0].curve_steps[:length]
+            ax.plot(steps, mean, color=f"C{i}", lw=2, label=f"{name} (n={len(histories)})")
+    if threshold is not None:
+        ax.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold}")
+    ax.axhline(chance, color="gray", ls=":", lw=1, label="chance")
+    ax.set(xlabel="SGD step", ylabel="validation accuracy", ylim=(0, 1), title=title)
+    ax.legend(fontsize=8)
     return ax

@@ -14,8 +14,13 @@ Schema of ``results/results.json`` (version 1)::
                   "value": <number, string or list>, "source": "<notebook stem or 'bench'>",
                   "recorded": "<YYYY-MM-DD>"}}}
 
-In a notebook, :func:`record` also prints ``[result] <key> = <text>``, so the stored
-output carries each figure next to the cell that measured it.
+In a notebook, :func:`record` also shows ``[result] <key> = <text>`` once, so the stored
+output carries each figure next to the cell that measured it; the figure's value travels
+in that output's metadata (``bnlab.result``), so tests compare values as well as texts.
+
+Beside the figures, ``"notebooks"`` holds, for each notebook's last full run, the hash of
+its code cells (:func:`code_hash`) and how long each of its sections took: a test then
+fails when a notebook's code changed after its outputs were stored.
 
 Writing survives crashes and concurrent runs. Every change holds an exclusive lock
 (``fcntl.flock`` on ``results/.results.json.lock``) from load to save, and the new store is
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -53,6 +59,7 @@ RECORD_ENV = "BNLAB_RECORD"
 PENDING_ENV = "BNLAB_RECORD_PENDING"  # a run's pending file: record appends, commit stores
 SCHEMA = 1
 RESULT_LINE = re.compile(r"^\[result\] (\S+) = (.*)$", re.M)
+RESULT_META = "bnlab.result"  # output metadata key: {"key": ..., "value": ...}
 TABLES = {  # README tables, in order: (title, column heading of the row labels)
     "results": ("Headline figures", "what"),
     "pitfalls": ("Pitfalls (notebook 06)", "pitfall: symptom measured, and after the fix"),
@@ -84,8 +91,8 @@ def recording() -> bool:
 
 
 def record(key: str, value, what: str, text: str | None = None, table: str = "results",
-           source: str | None = None, path: Path = STORE) -> str:  # fmt: skip
-    """Record one headline figure; returns (and prints) the text shown for it.
+           source: str | None = None, path: Path = STORE) -> None:  # fmt: skip
+    """Record one headline figure and show it as ``[result] key = text``.
 
     key: unique, dotted (``"05.classic.bn"``); value: a number, string, list or dict; what:
     the row label in the README; text: how the value reads (default ``str(value)``);
@@ -99,7 +106,7 @@ def record(key: str, value, what: str, text: str | None = None, table: str = "re
     shown = str(value) if text is None else text
     if "\n" in shown:
         raise ValueError("a recorded text must fit on one line")
-    print(f"[result] {key} = {shown}")
+    _show(key, shown, value)
     if recording():
         entry = figure_entry(value, what, shown, table, source or _source_of(key))
         pending = os.environ.get(PENDING_ENV)
@@ -108,7 +115,29 @@ def record(key: str, value, what: str, text: str | None = None, table: str = "re
                 f.write(json.dumps([key, entry], ensure_ascii=False) + "\n")
         else:
             write_figures({key: entry}, path)
-    return shown
+
+
+def _jsonable(value):
+    """The value as the store keeps it (a JSON round trip: tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def _show(key: str, text: str, value) -> None:
+    """Show ``[result] key = text`` once: in a notebook with the value in the output's
+    metadata (what the store's tests compare), elsewhere as a printed line."""
+    line = f"[result] {key} = {text}"
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython comes with the course extra
+        get_ipython = None
+    shell = get_ipython() if get_ipython else None
+    if shell is None or not hasattr(shell, "kernel"):
+        print(line)
+        return
+    from IPython.display import display
+
+    meta = {RESULT_META: {"key": key, "value": _jsonable(value)}}
+    display({"text/plain": line}, raw=True, metadata=meta)
 
 
 # ------------------------------------------------------------------ writing the store
@@ -340,14 +369,74 @@ def write_readme(data: dict | None = None, path: Path = README) -> bool:
     return new != text
 
 
-def notebook_results(path: Path) -> dict[str, str]:
-    """``key -> text`` of every ``[result]`` line in a notebook's stored outputs."""
-    found = {}
+def result_outputs(path: Path) -> list[tuple[str, str, object]]:
+    """``(key, text, value)`` of every ``[result]`` output in a notebook, in order.
+
+    value is what the output's metadata carries (``None`` for a printed line, which has no
+    metadata). A key that appears twice appears twice here (:func:`notebook_results`
+    would keep only the last).
+    """
+    found = []
     for cell in json.loads(path.read_text())["cells"]:
         for output in cell.get("outputs", []):
-            text = output.get("text", "")
-            found.update(RESULT_LINE.findall("".join(text) if isinstance(text, list) else text))
+            if output.get("output_type") == "stream":
+                text = "".join(output.get("text", ""))
+                found += [(k, t, None) for k, t in RESULT_LINE.findall(text)]
+                continue
+            meta = output.get("metadata", {}).get(RESULT_META)
+            text = "".join(output.get("data", {}).get("text/plain", ""))
+            for k, t in RESULT_LINE.findall(text):
+                found.append((k, t, meta["value"] if meta and meta["key"] == k else None))
     return found
+
+
+def notebook_results(path: Path) -> dict[str, str]:
+    """``key -> text`` of every ``[result]`` line in a notebook's stored outputs."""
+    return {key: text for key, text, _ in result_outputs(path)}
+
+
+def code_hash(notebook: Path | dict) -> str:
+    """SHA-256 of a notebook's code cells (sources only, in order): what its outputs ran."""
+    nb = json.loads(Path(notebook).read_text()) if isinstance(notebook, (str, Path)) else notebook
+    code = [
+        "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+        for c in nb["cells"]
+        if c["cell_type"] == "code"
+    ]
+    return hashlib.sha256("\n\0\n".join(code).encode()).hexdigest()
+
+
+def section_seconds(notebook: Path | dict) -> dict[str, float]:
+    """Seconds each ``## `` section's code cells took in the stored run (from the execution
+    timestamps nbclient writes into each cell's metadata); ``"(top)"`` before the first."""
+    nb = json.loads(Path(notebook).read_text()) if isinstance(notebook, (str, Path)) else notebook
+    sections: dict[str, float] = {}
+    current = "(top)"
+    for cell in nb["cells"]:
+        source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+        heading = re.search(r"^## (.+)$", source, re.M) if cell["cell_type"] == "markdown" else None
+        if heading:
+            current = heading.group(1).strip()
+        times = cell.get("metadata", {}).get("execution", {})
+        if "iopub.execute_input" in times and "shell.execute_reply" in times:
+            start, end = (
+                datetime.datetime.fromisoformat(times[k].replace("Z", "+00:00"))
+                for k in ("iopub.execute_input", "shell.execute_reply")
+            )
+            sections[current] = sections.get(current, 0.0) + (end - start).total_seconds()
+    return sections
+
+
+def write_run(notebook: Path, path: Path = STORE) -> dict:
+    """Record a just-executed notebook's code hash and section times in the store."""
+    entry = {
+        "code": code_hash(notebook),
+        "sections": {k: round(v, 1) for k, v in section_seconds(notebook).items()},
+        "recorded": datetime.date.today().isoformat(),
+    }
+    with updating(path) as data:
+        data.setdefault("notebooks", {})[Path(notebook).stem] = entry
+    return entry
 
 
 def drop_source(source: str, path: Path = STORE) -> list[str]:
@@ -378,43 +467,77 @@ def prune(notebooks: list[Path], path: Path = STORE) -> list[str]:
     return stale
 
 
+def _cli_commit(args, parser) -> None:
+    if len(args.args) != 1 or not args.source:
+        parser.error("commit takes one pending file and --source (e.g. --source 05_lenet)")
+    for key in commit(Path(args.args[0]), args.source, args.store):
+        print(f"dropped {key}: {args.source} no longer records it")
+
+
+def _cli_run(args, _parser) -> None:
+    for notebook in args.args:
+        write_run(Path(notebook), args.store)
+
+
+def _cli_sections(args, _parser) -> None:
+    for notebook in args.args:
+        for name, seconds in section_seconds(Path(notebook)).items():
+            print(f"{Path(notebook).stem}  {duration(seconds):>12}  {name}")
+
+
+def _cli_prune(args, _parser) -> None:
+    for key in prune([Path(a) for a in args.args], args.store):
+        print(f"dropped {key}: its notebook no longer records it")
+
+
+def _cli_notebook_time(args, _parser) -> None:
+    notebook, seconds = Path(args.args[0]), float(args.args[1])
+    what = f"`make notebooks`: {notebook.stem} in full mode"
+    key = f"timing.notebook.{notebook.stem}"
+    write_figure(key, seconds, what, duration(seconds), "timings", "timings", args.store)
+
+
+def _cli_readme(_args, _parser) -> None:
+    changed = write_readme()
+    state = "regenerated from" if changed else "already match"
+    print(f"README.md results {state} {STORE.relative_to(ROOT)}")
+
+
+def _cli_show(_args, _parser) -> None:
+    print(render(load()))
+
+
+COMMANDS = {
+    "readme": _cli_readme,
+    "show": _cli_show,
+    "notebook-time": _cli_notebook_time,
+    "prune": _cli_prune,
+    "commit": _cli_commit,
+    "run": _cli_run,
+    "sections": _cli_sections,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bnlab.teaching.results", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("command", choices=["readme", "show", "notebook-time", "prune", "commit"])
+    parser.add_argument("command", choices=list(COMMANDS))
     parser.add_argument(
         "args",
         nargs="*",
-        help="notebook-time: a notebook and its seconds; prune: notebooks; commit: a pending file",
+        help="notebook-time: a notebook and its seconds; prune, run, sections: notebooks; "
+        "commit: a pending file",
     )
     parser.add_argument("--source", help="commit: the run's notebook stem, or bench")
     parser.add_argument(
-        "--store", type=Path, default=STORE, help="commit, prune, notebook-time: the store to write"
+        "--store",
+        type=Path,
+        default=STORE,
+        help="commit, prune, notebook-time, run: the store to write",
     )
     args = parser.parse_args(argv)
-    if args.command == "commit":
-        if len(args.args) != 1 or not args.source:
-            parser.error("commit takes one pending file and --source (e.g. --source 05_lenet)")
-        for key in commit(Path(args.args[0]), args.source, args.store):
-            print(f"dropped {key}: {args.source} no longer records it")
-    elif args.command == "prune":
-        for key in prune([Path(a) for a in args.args], args.store):
-            print(f"dropped {key}: its notebook no longer records it")
-    elif args.command == "notebook-time":
-        notebook, seconds = Path(args.args[0]), float(args.args[1])
-        what = f"`make notebooks`: {notebook.stem} in full mode"
-        key = f"timing.notebook.{notebook.stem}"
-        write_figure(key, seconds, what, duration(seconds), "timings", "timings", args.store)
-    elif args.command == "readme":
-        changed = write_readme()
-        print(
-            "README.md results "
-            + ("regenerated from" if changed else "already match")
-            + f" {STORE.relative_to(ROOT)}"
-        )
-    else:
-        print(render(load()))
+    COMMANDS[args.command](args, parser)
     return 0
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from bnlab.experiments import probes
+from bnlab.config import seed_everything
+from bnlab.experiments import models, probes
 from bnlab.nn import modules
 
 
@@ -107,3 +109,67 @@ def test_signal_and_gradient_sees_tails_and_per_layer_gradients():
     assert hot["in tails"][0] > 0.5
     with pytest.raises(ValueError, match="no layer"):
         probes.signal_and_gradient(nn.Linear(4, 3), x, y)
+
+
+def test_relative_shift_is_in_units_of_the_layers_spread():
+    seed_everything(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.Tanh())
+    batches = [(torch.randn(16, 8), torch.randint(0, 4, (16,))) for _ in range(3)]
+    shifts = {}
+    for scale in (1.0, 100.0):
+        net = copy.deepcopy(model)
+        with torch.no_grad():
+            net[0].weight.mul_(scale)
+            net[0].bias.mul_(scale)
+        with probes.ShiftMonitor(net, nn.Linear, what="output") as monitor, torch.no_grad():
+            for x, _ in batches:
+                net(x)
+        shifts[scale] = (monitor.shift()[0], monitor.shift(relative=True)[0])
+    assert shifts[100.0][0] == pytest.approx(100 * shifts[1.0][0], rel=1e-4)  # absolute: scales
+    assert shifts[100.0][1] == pytest.approx(shifts[1.0][1], rel=1e-4)  # relative: does not
+
+
+def test_gradient_ics_matches_its_definition_and_leaves_the_model_alone():
+    seed_everything(0)
+    model = nn.Sequential(
+        nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 4), nn.Sigmoid(), nn.Linear(4, 3)
+    )
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    state = copy.deepcopy(model.state_dict())
+    got = probes.gradient_ics(model, x, y, lr=0.5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    # by hand for the last layer: update layers 1 and 2 (weights and biases), keep layer 3
+    loss = nn.functional.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    shifted = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, g in list(zip(shifted.parameters(), grads, strict=True))[:4]:
+            p.sub_(0.5 * g)
+    g_after = torch.autograd.grad(nn.functional.cross_entropy(shifted(x), y), shifted[4].weight)[0]
+    want = ((g_after - grads[4]).norm() / grads[4].norm()).item()
+    assert len(got) == 2 and got[1]["l2"] == pytest.approx(want, rel=1e-5)
+    assert -1 <= got[0]["cosine"] <= 1 and got[0]["l2"] > 0
+    assert (
+        probes.gradient_ics(model, x, y, lr=0.0) == [{"l2": 0.0, "cosine": pytest.approx(1.0)}] * 2
+    )
+
+
+def test_gradient_ics_sees_the_same_noise_in_both_gradients():
+    seed_everything(0)
+    net = models.add_noise_after_bn(
+        models.mlp(depth=2, width=6, in_features=8, num_classes=3, bn="torch")
+    )
+    x, y = torch.randn(12, 8), torch.randint(0, 3, (12,))
+    # no update: if the noise differed between G and G', they would differ
+    assert all(r["l2"] == 0.0 for r in probes.gradient_ics(net, x, y, lr=0.0))
+
+
+def test_gradient_ics_inside_a_shift_monitor_is_invisible_to_it():
+    seed_everything(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 3))
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    with probes.ShiftMonitor(net, nn.Linear, what="output") as monitor:
+        net(x)
+        probes.gradient_ics(net, x, y, lr=0.1)  # copies the hooked model: must not record
+        net(x)
+    assert [len(v) for v in monitor.means.values()] == [2, 2]

@@ -50,11 +50,52 @@ def test_history_has_one_entry_per_epoch_and_training_changes_the_model():
     model = models.lenet(bn="torch")
     before = [p.detach().clone() for p in model.parameters()]
     h = train.fit(model, tiny_data(), epochs=3, lr=0.1, progress=False)
-    assert all(len(v) == 3 for v in h.as_dict().values())
+    per_epoch = ("train_loss", "train_acc", "test_acc", "seconds")
+    assert all(len(getattr(h, key)) == 3 for key in per_epoch)
+    assert h.val_acc == [] and h.curve_steps == [] and h.steps == 3 * 4  # 64 images, batch 16
     assert all(s > 0 for s in h.seconds) and all(0 <= a <= 1 for a in h.test_acc)
     assert h.final_test_acc == h.test_acc[-1]
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
     assert model.training
+
+
+def with_val(d: data.Data, n_val: int = 32) -> data.Data:
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(n_val, 1, 28, 28, generator=g), torch.randint(0, 10, (n_val,), generator=g)
+    return data.Data(d.train, d.test, d.classes, val=data.TensorLoader(x, y, 16))
+
+
+def test_fit_reads_the_test_set_as_asked_and_the_validation_set_every_epoch():
+    d = with_val(tiny_data())
+    runs = {}
+    for policy in train.TEST_POLICIES:
+        seed_everything(0)
+        runs[policy] = train.fit(models.lenet(bn="torch"), d, 3, 0.1, progress=False, test=policy)
+    assert [len(runs[p].test_acc) for p in train.TEST_POLICIES] == [3, 1, 0]
+    assert runs["final"].final_test_acc == runs["epochs"].final_test_acc  # the same run
+    assert runs["never"].val_acc == runs["epochs"].val_acc and len(runs["never"].val_acc) == 3
+    assert runs["never"].final_val_acc == runs["never"].val_acc[-1]
+    with pytest.raises(ValueError, match="never read the test set"):
+        _ = runs["never"].final_test_acc
+    with pytest.raises(ValueError, match="test must be one of"):
+        train.fit(models.lenet(), d, 1, 0.1, progress=False, test="sometimes")
+    with pytest.raises(ValueError, match="no validation set"):
+        _ = History(test_acc=[0.5]).final_val_acc
+
+
+def test_fit_measures_a_validation_curve_and_the_steps_to_a_threshold():
+    d = with_val(tiny_data())
+    seed_everything(0)
+    h = train.fit(models.lenet(bn="torch"), d, 2, 0.1, progress=False, test="never", eval_every=3)
+    assert h.steps == 8 and h.curve_steps == [3, 6]  # 4 steps an epoch, every third step
+    assert len(h.curve_val) == 2 and all(0 <= a <= 1 for a in h.curve_val)
+    assert h.steps_to(0.0) == 3 and h.steps_to(1.01) == math.inf  # never: the cap
+    curve = History(curve_steps=[10, 20, 30], curve_val=[0.1, 0.45, 0.3])
+    assert curve.steps_to(0.4) == 20 and curve.steps_to(0.5) == math.inf
+    with pytest.raises(ValueError, match="eval_every"):
+        History().steps_to(0.4)
+    with pytest.raises(ValueError, match="n_val"):
+        train.fit(models.lenet(), tiny_data(), 1, 0.1, progress=False, eval_every=2)
 
 
 def test_fit_learns_a_separable_problem():
@@ -138,7 +179,7 @@ def test_sweeps_repeat_seeds_and_summarize():
     assert std.tolist() == pytest.approx(values.std(0).tolist())  # sample std, like torch's
     res = sweeps.lr_sweep([0.01, 1.0], lambda: models.lenet(bn="torch"), d, 1, progress=False)
     assert list(res) == [0.01, 1.0] and all(len(v) == 1 for v in res.values())
-    mean, std = sweeps.final_accuracy(res)
+    mean, std = sweeps.final_accuracy(res, "test_acc")
     assert mean.tolist() == [res[0.01][0].final_test_acc, res[1.0][0].final_test_acc]
     assert std.tolist() == [0.0, 0.0]
 
@@ -280,3 +321,35 @@ def test_train_steps_passes_its_loss_function_on():
     x = torch.randn(8, 3)
     losses = train.train_steps(model, opt, [(x, x)], progress=False, loss_fn=nn.functional.mse_loss)
     assert losses[0] == pytest.approx(nn.functional.mse_loss(model(x), x).item())
+
+
+def test_fit_can_stop_when_the_validation_curve_reaches_a_threshold():
+    d = with_val(tiny_data())
+    seed_everything(0)
+    h = train.fit(
+        models.lenet(bn="torch"), d, 5, 0.1, progress=False, test="never", eval_every=2, stop_at=0.0
+    )
+    assert h.steps == 2 and h.curve_steps == [2] and len(h.train_loss) == 1  # stopped at once
+    seed_everything(0)
+    full = train.fit(
+        models.lenet(bn="torch"),
+        d,
+        2,
+        0.1,
+        progress=False,
+        test="never",
+        eval_every=2,
+        stop_at=1.01,
+    )
+    assert full.steps == 8 and full.steps_to(1.01) == math.inf  # never reached: the whole budget
+    with pytest.raises(ValueError, match="stop_at needs eval_every"):
+        train.fit(models.lenet(), d, 1, 0.1, progress=False, stop_at=0.5)
+
+
+def test_a_run_stopped_at_its_threshold_still_reads_the_test_set_once_at_its_end():
+    d = with_val(tiny_data())
+    seed_everything(0)
+    h = train.fit(
+        models.lenet(bn="torch"), d, 5, 0.1, progress=False, test="final", eval_every=2, stop_at=0.0
+    )
+    assert h.steps == 2 and len(h.test_acc) == 1

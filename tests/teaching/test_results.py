@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -14,7 +15,7 @@ from bnlab.teaching.notebooks import course_notebooks
 def test_record_prints_always_and_writes_only_in_a_recorded_full_run(tmp_path, monkeypatch, capsys):
     store = tmp_path / "results.json"
     monkeypatch.delenv(results.RECORD_ENV, raising=False)
-    results.record("05.x", 0.5, "a figure", path=store)
+    assert results.record("05.x", 0.5, "a figure", path=store) is None  # nothing to echo twice
     assert capsys.readouterr().out == "[result] 05.x = 0.5\n" and not store.exists()
     monkeypatch.setenv(results.RECORD_ENV, "1")
     monkeypatch.setenv("BNLAB_FAST", "1")
@@ -55,6 +56,56 @@ def test_render_and_write_readme_round_trip(tmp_path):
     assert not results.write_readme(data, readme)  # nothing changes the second time
 
 
+def test_record_in_a_kernel_shows_one_line_with_its_value_in_the_metadata(monkeypatch):
+    shown = []
+
+    class Shell:
+        kernel = object()
+
+    monkeypatch.setattr("IPython.get_ipython", lambda: Shell())
+    monkeypatch.setattr("IPython.display.display", lambda *a, **k: shown.append((a, k)))
+    results.record("05.y", (0.25, {"a": 1}), "a figure", "a quarter")
+    ((args, kwargs),) = shown
+    assert args == ({"text/plain": "[result] 05.y = a quarter"},) and kwargs["raw"]
+    assert kwargs["metadata"] == {results.RESULT_META: {"key": "05.y", "value": [0.25, {"a": 1}]}}
+
+
+def test_result_outputs_read_display_outputs_with_values_and_keep_duplicates(tmp_path):
+    meta = {results.RESULT_META: {"key": "05.a", "value": [1, 2]}}
+    nb = {"cells": [{"cell_type": "code", "outputs": [
+        {"output_type": "display_data", "data": {"text/plain": "[result] 05.a = 1 and 2"},
+         "metadata": meta},
+        {"output_type": "stream", "name": "stdout", "text": "[result] 05.a = again\n"},
+    ]}]}  # fmt: skip
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps(nb))
+    assert results.result_outputs(path) == [("05.a", "1 and 2", [1, 2]), ("05.a", "again", None)]
+
+
+def test_code_hash_follows_the_code_cells_only():
+    def nb(code, markdown="prose"):
+        code_cell = {"cell_type": "code", "source": code, "outputs": [{"text": "out"}]}
+        return {"cells": [{"cell_type": "markdown", "source": markdown}, code_cell]}
+
+    assert results.code_hash(nb("x = 1")) == results.code_hash(nb("x = 1", "other prose"))
+    assert results.code_hash(nb("x = 1")) != results.code_hash(nb("x = 2"))
+    assert results.code_hash(nb(["x = 1\n", "y"])) == results.code_hash(nb("x = 1\ny"))
+
+
+def test_section_seconds_add_up_each_sections_cells():
+    def cell(start, end):
+        times = {"iopub.execute_input": f"2026-01-01T00:00:{start:02d}.000000Z",
+                 "shell.execute_reply": f"2026-01-01T00:00:{end:02d}.500000Z"}  # fmt: skip
+        return {"cell_type": "code", "source": "", "metadata": {"execution": times}}
+
+    def md(text):
+        return {"cell_type": "markdown", "source": text}
+
+    nb = {"cells": [cell(0, 1), md("## 1. First"), cell(2, 4), cell(5, 5), md("### a part"),
+                    cell(6, 7)]}  # fmt: skip
+    assert results.section_seconds(nb) == {"(top)": 1.5, "1. First": 2.5 + 0.5 + 1.5}
+
+
 def test_notebook_results_reads_result_lines(tmp_path):
     nb = {"cells": [{"cell_type": "code", "outputs": [
         {"output_type": "stream", "name": "stdout", "text": ["x\n", "[result] 05.a = 0.5 ± 0.1\n"]},
@@ -92,12 +143,19 @@ def test_store_and_notebook_outputs_agree_both_ways():
     store = results.load()["figures"]
     shown = {}
     for path in course_notebooks():
-        for key, text in results.notebook_results(path).items():
-            shown[key] = (path.stem, text)
+        for key, text, value in results.result_outputs(path):
+            assert key not in shown, (
+                f"{key} is recorded twice ({shown.get(key, ('',))[0]}, {path.stem})"
+            )
+            shown[key] = (path.stem, text, value)
     assert shown, "no notebook's stored outputs record a figure"
-    for key, (stem, text) in shown.items():
+    for key, (stem, text, value) in shown.items():
         assert key in store, f"{stem} shows {key}, which the store lacks: re-run make notebooks"
         assert store[key]["text"] == text and store[key]["source"] == stem, key
+        assert value is not None, f"{stem} shows {key} without its value: re-run make notebooks"
+        assert store[key]["value"] == value, (
+            f"{key}: the store's value differs from {stem}'s output"
+        )
     for key, figure in store.items():
         if figure["source"] not in results.MEASURED_OUTSIDE_NOTEBOOKS:
             assert key in shown, f"the store has {key}, which no notebook output shows"
@@ -249,3 +307,40 @@ def test_a_pending_file_cut_short_is_not_committed(tmp_path):
     with pytest.raises(ValueError, match=r"line 2, is not a recorded figure.*run it again"):
         results.commit(pending, "05_lenet", store)
     assert store.read_bytes() == before and pending.exists()
+
+
+def test_every_notebooks_outputs_came_from_its_current_code():
+    runs = results.load().get("notebooks", {})
+    for path in course_notebooks():
+        assert path.stem in runs, f"the store has no full run of {path.stem}: run make notebooks"
+        assert runs[path.stem]["code"] == results.code_hash(path), (
+            f"{path.name}'s code changed after its outputs were stored: "
+            f"make notebooks NOTEBOOKS={path.relative_to(results.ROOT)}"
+        )
+
+
+def _outputs_text(stem: str) -> str:
+    nb = json.loads(next(p for p in course_notebooks() if p.stem == stem).read_text())
+    return "\n".join(
+        "".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
+        for c in nb["cells"]
+        for o in c.get("outputs", [])
+    )
+
+
+def test_the_tables_notebooks_print_from_the_store_match_the_store():
+    from bnlab.bench import cpu, folding
+
+    store = results.load()
+    assert cpu.format_stored_table(store) in _outputs_text("04_numba_kernels"), "re-run notebook 04"
+    rows = folding.stored_context_rows(store["figures"])
+    assert rows and folding.format_context_table(rows) in _outputs_text("07_fusion"), "re-run 07"
+
+
+def test_every_store_key_the_errata_reads_exists():
+    nb = json.loads(next(p for p in course_notebooks() if p.stem == "10_errata").read_text())
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    keys = set(re.findall(r"[\"'](0\d\.[\w.\-]+|bench\.[\w.\-]+|timing\.[\w.\-]+)[\"']", code))
+    assert keys, "notebook 10 reads no store key: the pattern above is out of date"
+    missing = sorted(k for k in keys if k not in results.load()["figures"])
+    assert not missing, f"notebook 10 reads store keys that are gone: {missing}"
