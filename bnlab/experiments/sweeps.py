@@ -159,6 +159,12 @@ def mean_and_interval(
     return float(values.mean()), std, t * std / math.sqrt(len(values))
 
 
+def _number(value: float, digits: int) -> str:
+    """``value`` with ``digits`` decimals, never ``-0.000``."""
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
 @dataclass(frozen=True)
 class Comparison:
     """Two arms compared by the interval of their difference (:func:`compare`).
@@ -178,6 +184,7 @@ class Comparison:
     verdict: str
     n: tuple[int, int]
     confidence: float = 0.95
+    digits: int = 3  # decimals when printed: 3 for accuracies, 0 for step counts
 
     @property
     def half_width(self) -> float:
@@ -189,36 +196,38 @@ class Comparison:
         """Whether the interval excludes 0 (one arm is ahead at this confidence)."""
         return self.verdict != "not resolved"
 
-    def interval(self, digits: int = 3) -> str:
+    def interval(self, digits: int | None = None) -> str:
         """``"0.138 [0.068, 0.208]"``: the difference and its interval."""
-        return f"{self.difference:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+        digits = self.digits if digits is None else digits
+        d, lo, hi = (_number(v, digits) for v in (self.difference, self.low, self.high))
+        return f"{d} [{lo}, {hi}]"
 
-    def sentence(self, digits: int = 3) -> str:
+    def sentence(self, digits: int | None = None) -> str:
         """The verdict as the course states it, e.g. ``"BN ahead by 0.138 [0.068, 0.208]"``.
 
         A resolved difference reads "<arm> ahead by d [lo, hi]" with d > 0 (the interval of
         the leading arm's advantage); an unresolved one reads "not resolved with n seeds:
         this design resolves only differences larger than h", h the interval's half-width.
         """
+        digits = self.digits if digits is None else digits
         seeds = (
             f"{self.n[0]} seeds" if self.n[0] == self.n[1] else f"{self.n[0]} + {self.n[1]} seeds"
         )
         if math.isinf(self.half_width):
             return (
                 f"not resolved with {seeds}: every run gave the same value (difference "
-                f"{self.difference:.{digits}f}), so the runs cannot estimate its spread"
+                f"{_number(self.difference, digits)}), so the runs cannot estimate its spread"
             )
         if not self.resolved:
+            h = _number(self.half_width, digits)
             return (
                 f"not resolved with {seeds} ({self.test}, difference {self.interval(digits)}): "
-                f"this design resolves only differences larger than {self.half_width:.{digits}f}"
+                f"this design resolves only differences larger than {h}"
             )
         sign = 1 if self.difference > 0 else -1
         lo, hi = sorted((sign * self.low, sign * self.high))
-        return (
-            f"{self.verdict} by {sign * self.difference:.{digits}f} [{lo:.{digits}f}, "
-            f"{hi:.{digits}f}] ({self.test}, {seeds}, p = {self.p_value:.2g})"
-        )
+        d, lo, hi = (_number(v, digits) for v in (sign * self.difference, lo, hi))
+        return f"{self.verdict} by {d} [{lo}, {hi}] ({self.test}, {seeds}, p = {self.p_value:.2g})"
 
     def __str__(self) -> str:
         return self.sentence()
@@ -233,6 +242,7 @@ def compare(
     confidence: float = 0.95,
     lower_is_better: bool = False,
     word: str = "ahead",
+    digits: int = 3,
 ) -> Comparison:
     """Compare two arms by the t-interval of the difference of their means.
 
@@ -244,8 +254,9 @@ def compare(
     0, else "not resolved"; overlapping intervals of the two *means* are not the test.
     lower_is_better: the arm with the lower mean is the one ahead (e.g. steps to a
     threshold). word: what the verdict calls the arm with the larger value when "ahead" is
-    not meant, e.g. ``word="higher"`` for a measured shift. Every value must be finite: a
-    run that never reached a threshold has no step count to average (:func:`compare_steps`).
+    not meant, e.g. ``word="higher"`` for a measured shift. digits: decimals when printed.
+    Every value must be finite: a run that never reached a threshold has no step count to
+    average (:func:`compare_steps`).
     """
     a, b = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
     if len(a) < 2 or len(b) < 2:
@@ -287,17 +298,18 @@ def compare(
         verdict = "not resolved"
     return Comparison(
         names=tuple(names), difference=difference, low=low, high=high, p_value=p_value,
-        test=test, verdict=verdict, n=(len(a), len(b)), confidence=confidence,
+        test=test, verdict=verdict, n=(len(a), len(b)), confidence=confidence, digits=digits,
     )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class CensoredComparison:
-    """Steps to a threshold when some runs never reached it within the cap.
+    """Steps to a threshold compared by ranks: some runs never reached it within the cap,
+    or the counts have no spread to estimate (every seed the same on the evaluation grid).
 
-    A run that never got there has no step count, only "more than the cap", so the two
-    arms are compared by ranks (Mann-Whitney U, every such run tied above every count):
-    verdict "<arm> ahead" (the arm that gets there in fewer steps) or "not resolved".
+    A run that never got there has no step count, only "more than the cap": it ranks above
+    every count (Mann-Whitney U). verdict: "<arm> ahead" (the arm that gets there in fewer
+    steps) or "not resolved"; ``medians`` gives each arm's median count (inf: never).
     """
 
     names: tuple[str, str]
@@ -306,6 +318,7 @@ class CensoredComparison:
     cap: int
     p_value: float
     verdict: str
+    medians: tuple[float, float] = (math.nan, math.nan)
 
     @property
     def resolved(self) -> bool:
@@ -313,8 +326,9 @@ class CensoredComparison:
 
     def sentence(self) -> str:
         counts = (
-            f"{self.reached[0]} of {self.n[0]} {self.names[0]} runs and {self.reached[1]} of "
-            f"{self.n[1]} {self.names[1]} runs reached it within {self.cap} steps"
+            f"median {self.medians[0]:g} vs {self.medians[1]:g} steps; {self.reached[0]} of "
+            f"{self.n[0]} {self.names[0]} runs and {self.reached[1]} of {self.n[1]} "
+            f"{self.names[1]} runs reached it within {self.cap} steps"
         )
         p = f"Mann-Whitney U, p = {self.p_value:.2g}"
         if not self.resolved:
@@ -336,25 +350,27 @@ def compare_steps(
 ) -> Comparison | CensoredComparison:
     """Compare steps to a threshold (``History.steps_to``: inf for a run that never got there).
 
-    When every run reached the threshold, :func:`compare` (paired by seed by default, the
-    arm with fewer steps ahead); otherwise ranks, with each run that never got there
-    counted as slower than every run that did (:class:`CensoredComparison`).
+    When every run reached the threshold and the step counts vary, :func:`compare` (paired
+    by seed by default, the arm with fewer steps ahead). Otherwise ranks: a run that never
+    got there counts as slower than every run that did, and counts measured on the same
+    evaluation grid may tie (:class:`CensoredComparison`, Mann-Whitney U).
     """
     a, b = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
-    if np.isfinite(a).all() and np.isfinite(b).all():
-        return compare(a, b, names, paired=paired, confidence=confidence, lower_is_better=True)
+    finite = np.isfinite(a).all() and np.isfinite(b).all()
+    spread = np.ptp(a - b) if finite and paired and len(a) == len(b) else None
+    if finite and (spread is None or spread > 0):
+        return compare(
+            a, b, names, paired=paired, confidence=confidence, lower_is_better=True, digits=0
+        )
     ranked_a, ranked_b = (np.where(np.isfinite(v), v, cap + 1.0) for v in (a, b))
-    if len(set(ranked_a) | set(ranked_b)) == 1:  # nobody reached it: nothing to rank
+    if len(set(ranked_a) | set(ranked_b)) == 1:  # every run the same: nothing to rank
         p_value = 1.0
     else:
         p_value = float(stats.mannwhitneyu(ranked_a, ranked_b, alternative="two-sided").pvalue)
     verdict = "not resolved"
     if p_value < 1 - confidence:
-        verdict = (
-            f"{names[0]} ahead"
-            if np.median(ranked_a) < np.median(ranked_b)
-            else f"{names[1]} ahead"
-        )
+        faster = names[0] if np.median(ranked_a) < np.median(ranked_b) else names[1]
+        verdict = f"{faster} ahead"
     return CensoredComparison(
         names=tuple(names),
         reached=(int(np.isfinite(a).sum()), int(np.isfinite(b).sum())),
@@ -362,6 +378,7 @@ def compare_steps(
         cap=cap,
         p_value=p_value,
         verdict=verdict,
+        medians=(float(np.median(a)), float(np.median(b))),
     )
 
 

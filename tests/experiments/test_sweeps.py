@@ -126,3 +126,34 @@ def test_compare_without_any_spread_resolves_nothing():
         flat = sweeps.compare(first, second, ("a", "b"), paired=paired)
         assert flat.verdict == "not resolved" and flat.p_value == 1.0
         assert "cannot estimate its spread" in flat.sentence()
+
+
+def test_compare_can_name_a_measure_higher_instead_of_ahead():
+    got = sweeps.compare(
+        [0.9, 1.0, 1.1], [0.1, 0.15, 0.12], ("noisy BN", "no BN"), paired=True, word="higher"
+    )
+    assert got.verdict == "noisy BN higher" and got.sentence().startswith("noisy BN higher by")
+
+
+def test_compare_steps_uses_ranks_when_runs_never_reached_the_threshold():
+    finite = sweeps.compare_steps([300, 390, 350], [150, 250, 240], ("Xavier", "x4"), cap=645)
+    assert isinstance(finite, sweeps.Comparison) and finite.verdict == "x4 ahead"
+    never = [math.inf] * 5
+    got = sweeps.compare_steps([50, 75, 50, 100, 50], never, ("BN", "plain"), cap=645)
+    reference = stats.mannwhitneyu([50, 75, 50, 100, 50], [646] * 5, alternative="two-sided")
+    assert got.p_value == pytest.approx(reference.pvalue) and got.verdict == "BN ahead"
+    assert got.reached == (5, 0) and "5 of 5 BN runs and 0 of 5 plain runs" in got.sentence()
+    mixed = sweeps.compare_steps([300, math.inf, 350], [250, math.inf, 400], ("a", "b"), cap=645)
+    assert mixed.verdict == "not resolved" and not mixed.resolved
+    assert sweeps.compare_steps(never, never, ("a", "b"), cap=645).p_value == 1.0
+
+
+def test_compare_steps_ranks_counts_that_tie_on_the_evaluation_grid():
+    got = sweeps.compare_steps([25] * 5, [125] * 5, ("BN", "plain"), cap=430)
+    assert isinstance(got, sweeps.CensoredComparison) and got.verdict == "BN ahead"
+    assert got.medians == (25, 125) and "median 25 vs 125 steps" in got.sentence()
+
+
+def test_a_difference_that_rounds_to_zero_reads_without_a_minus_sign():
+    got = sweeps.compare([0.8501, 0.8399, 0.86], [0.8502, 0.84, 0.8601], ("a", "b"), paired=True)
+    assert "-0.000" not in got.sentence() and got.interval().startswith("0.000 [")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from bnlab.teaching import errata
 from bnlab.teaching.notebooks import NOTEBOOK_DIR
 
@@ -49,6 +47,6 @@ def test_the_errata_notebook_has_rows_for_every_post_each_with_verdict_and_asser
 
 
 def test_the_errata_notebook_records_its_tally():
-    nb = json.loads((NOTEBOOK_DIR / "10_errata.ipynb").read_text())
-    shown = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
-    assert "[result] 10.errata =" in shown
+    from bnlab.teaching.results import notebook_results
+
+    assert "10.errata" in notebook_results(NOTEBOOK_DIR / "10_errata.ipynb")

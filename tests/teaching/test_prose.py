@@ -56,3 +56,18 @@ def test_every_number_in_the_course_prose_is_measured_or_listed():
         "numbers in prose that no output, stored figure or constant backs:\n"
         + "\n".join(map(str, found))
     )
+
+
+def test_no_verdict_reads_overlapping_intervals_as_equality():
+    """Verdicts come from the interval of the difference: "A ahead by d [lo, hi]" or "not
+    resolved"; overlap of two intervals of the means is not a test, and "no difference" is
+    never what a finite sample shows."""
+    from bnlab.teaching import results
+    from bnlab.teaching.notebooks import course_notebooks
+
+    banned = ("intervals overlap", "no difference", "cannot tell them apart")
+    texts = {"README.md": results.README.read_text()}
+    texts.update({p.name: p.read_text() for p in course_notebooks()})
+    texts["results.json"] = results.STORE.read_text()
+    found = [(name, b) for name, text in texts.items() for b in banned if b in text.lower()]
+    assert not found, found
