@@ -337,7 +337,7 @@ def format_stored_table(data: dict) -> str:
 
 
 def goals(cases: list[dict]) -> list[dict]:
-    """Issue 17's targets for the CPU kernel, judged on the medians of ``cases``."""
+    """The course's targets for the CPU kernel, judged on the medians of ``cases``."""
 
     def ratio(shape, mode, layout="contiguous"):
         for r in cases:

@@ -57,7 +57,7 @@ def print_cpu_section(cases: list[dict], facts: dict) -> None:
         "x torch: torch's median / this median (>1 is faster); passes: fwd 3, fwd+bwd 8, eval 2\n"
     )
     print(cpu.format_cases(cases))
-    print("\nGoals (issue 17), in the medians:")
+    print("\nThe kernel's goals, in the medians:")
     print(cpu.format_goals(cpu.goals(cases)))
 
 
@@ -139,7 +139,7 @@ def _record_each(
         record(
             f"bench.cpu.{facts['allocator']}.goals",
             found,
-            f"issue 17's CPU goals met, {facts['allocator']} allocator",
+            f"the kernel's CPU goals met, {facts['allocator']} allocator",
             f"{len(met)} of {len(found)}; not met: "
             + (
                 "; ".join(f"{g['what']} ({g['value']:.2f})" for g in found if not g["met"])

@@ -956,6 +956,13 @@ class Exercise:
     function: str
     checker: Callable[..., CheckResult]
     uses: dict[str, str] = field(default_factory=dict)
+    #: bnlab's names that solve it: the notebook shows none of them before the checker runs
+    #: (``bnlab.teaching.path.answers_shown_early``)
+    answers: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.function
 
     def run(self, namespace: dict) -> CheckResult:
         """Check ``namespace[self.function]``."""
@@ -966,17 +973,21 @@ class Exercise:
 EXERCISES: dict[str, list[Exercise]] = {
     "01_concepts": [Exercise("batch_stats", check_batch_stats), Exercise("bn_eval", check_bn_eval)],
     "02_math": [
-        Exercise("bn_backward_dx", check_bn_backward_dx),
+        Exercise("bn_backward_dx", check_bn_backward_dx, answers=("batchnorm_backward_compact",)),
         Exercise("identity_params", check_identity_params),
     ],
     "03_scratch": [
         Exercise("bn_forward", check.check_forward),
         Exercise("bn_backward", check.check_backward, {"forward": "bn_forward"}),
-        Exercise("running_stats_step", check.check_running_stats),
+        Exercise(
+            "running_stats_step",
+            check.check_running_stats,
+            answers=("update_running_stats", "learner_forward_fixed"),
+        ),
     ],
     "04_numba_kernels": [
-        Exercise("merge", check_merge),
-        Exercise("welford_update", check_welford_update),
+        Exercise("merge", check_merge, answers=("merge_moments",)),
+        Exercise("welford_update", check_welford_update, answers=("thread_welford",)),
         Exercise("train_forward_bytes", check_train_forward_bytes),
     ],
     "05_lenet": [
@@ -988,10 +999,15 @@ EXERCISES: dict[str, list[Exercise]] = {
         Exercise("keras_to_torch", check_keras_to_torch),
         Exercise("recalibrate", check_recalibrate),
     ],
-    "07_fusion": [Exercise("scale_shift", check_scale_shift), Exercise("fold", check_fold)],
+    "07_fusion": [
+        Exercise("scale_shift", check_scale_shift, answers=("bn_scale_shift",)),
+        Exercise("fold", check_fold, answers=("fold_bn",)),
+    ],
     "08_claims": [
-        Exercise("zero_init_last_gamma", check_zero_init_last_gamma),
-        Exercise("group_norm", check_group_norm),
+        Exercise(
+            "zero_init_last_gamma", check_zero_init_last_gamma, answers=("zero_init_last_gamma",)
+        ),
+        Exercise("group_norm", check_group_norm, answers=("group_norm",)),
     ],
 }
 
@@ -1143,6 +1159,6 @@ def check_ghost_bn(fn: Callable, tol: float = 1e-6) -> CheckResult:
 
 
 EXERCISES["09_distributed"] = [
-    Exercise("merge_replica_stats", check_merge_replica_stats),
-    Exercise("ghost_bn", check_ghost_bn),
+    Exercise("merge_replica_stats", check_merge_replica_stats, answers=("global_moments",)),
+    Exercise("ghost_bn", check_ghost_bn, answers=("GhostBatchNorm2d",)),
 ]

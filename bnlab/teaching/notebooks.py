@@ -16,7 +16,9 @@ what they see, and this module owns all three:
   ``0.09999999999999999``, a widget's raw text form, an unfinished progress bar.
 
 ``python -m bnlab.teaching.notebooks normalize|trust|check [NOTEBOOK ...]`` runs them from the
-Makefile (``make notebooks`` normalizes and signs; ``make setup``/``make lab`` sign).
+Makefile; ``reading-time`` prints each notebook's main-path and deep-dive minutes
+(:mod:`bnlab.teaching.path`). ``make notebooks`` normalizes and signs; ``make setup`` and
+``make lab`` sign.
 
 Serves every notebook (`make test`).
 """
@@ -254,11 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m bnlab.teaching.notebooks", description=__doc__)
-    parser.add_argument("action", choices=["normalize", "trust", "check"])
+    parser.add_argument("action", choices=["normalize", "trust", "check", "reading-time"])
     parser.add_argument("paths", nargs="*", type=Path, help="default: the course notebooks")
     parser.add_argument("--all", action="store_true", help="trust: sign edited notebooks too")
     args = parser.parse_intermixed_args(argv)  # `trust --all A B`: paths after the flag
     paths = args.paths or course_notebooks()
+    if args.action == "reading-time":
+        from bnlab.teaching import path as learner_path
+
+        print(learner_path.format_reading_table(learner_path.reading_table(paths)))
+        return 0
     if args.action == "trust":
         signed = trust(paths, committed_only=not args.all)
         print(f"trusted {len(signed)} of {len(paths)} notebooks (widgets render from saved state)")

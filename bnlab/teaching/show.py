@@ -6,7 +6,8 @@
   text at fixed places, so they keep working when a library's source changes around them;
 - :func:`compare`: Karpathy's makemore check of two tensors: exact, close, largest difference;
 - :func:`compare_training`: a module and its reference trained side by side, step by step;
-- :func:`outcome`: what a call returns, or the error it raises, as one line.
+- :func:`outcome`: what a call returns, or the error it raises, as one line;
+- :func:`holds`: a checked claim as one sentence below the output it checks.
 
 Serves notebooks 02, 03, 04 and 07.
 """
@@ -134,3 +135,17 @@ def outcome(fn: Callable[[], object], width: int = 70) -> object:
         return fn()
     except Exception as err:
         return f"{type(err).__name__}: {str(err)[:width]}"
+
+
+def holds(condition: object, claim: str) -> None:
+    """State a checked claim as a sentence: print "✓ claim", or raise AssertionError(claim).
+
+    A notebook's evidence reads as prose under the output it checks, one line per claim::
+
+        holds(abs(mean) < 1e-6, "each channel's mean is 0 to float rounding")
+
+    ``condition`` is anything with a truth value (a bool, a one-element tensor).
+    """
+    if not bool(condition):
+        raise AssertionError(f"does not hold: {claim}")
+    print(f"✓ {claim}")

@@ -100,7 +100,7 @@ def test_cpu_kernel_modules_match_torch_on_random_inputs(
             torch.testing.assert_close(ours.state_dict()[key], value, rtol=tol, atol=tol)
 
 
-# --- the kernel paths issue 17 added, on the CPU kernels and on the CUDA simulator (or a
+# --- the fused kernel paths, on the CPU kernels and on the CUDA simulator (or a
 # GPU): channels_last without a copy, eval BN fused with ReLU, the 2-D (N, C) case.
 
 import torch.nn.functional as TF  # noqa: E402

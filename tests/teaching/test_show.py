@@ -59,3 +59,14 @@ def test_outcome_returns_the_value_or_the_error_line():
     assert show.outcome(lambda: 3) == 3
     assert show.outcome(lambda: 1 / 0) == "ZeroDivisionError: division by zero"
     assert len(show.outcome(lambda: int("x" * 200), width=10)) < 40
+
+
+def test_holds_prints_the_claim_or_raises_with_it(capsys):
+    import torch
+
+    from bnlab.teaching.show import holds
+
+    holds(torch.tensor(0.5) < 1, "half is less than one")
+    assert capsys.readouterr().out == "✓ half is less than one\n"
+    with pytest.raises(AssertionError, match="does not hold: two is less than one"):
+        holds(2 < 1, "two is less than one")
