@@ -124,6 +124,7 @@ notebooks: data
 	$(PY) -m bnlab.teaching.results prune $(NOTEBOOKS)
 	$(PY) -m bnlab.teaching.notebooks normalize $(NOTEBOOKS)
 	$(PY) -m bnlab.teaching.notebooks trust --all $(NOTEBOOKS)
+	$(PY) -m bnlab.teaching.notebooks reading-time --readme
 	$(PY) -m bnlab.teaching.results readme
 
 # The full runs (make notebooks, make bench) write results/results.json; the README's

@@ -21,7 +21,7 @@ def t_interval(values, confidence=0.95):
 
 def lenet_with_bn():
     """LeNet-5 for (N, 1, 28, 28) input with a BN after every conv and hidden linear layer,
-    before the activation; none on the logits."""
+    before the activation (after it passes too); none on the logits."""
     return nn.Sequential(
         nn.Conv2d(1, 6, kernel_size=5, padding=2),
         nn.BatchNorm2d(6),

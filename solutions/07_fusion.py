@@ -22,6 +22,19 @@ def fold(conv, bn):
     return weight, bias
 
 
+def fold_into_next_linear(bn, linear):
+    """(weight, bias) of the Linear equal to eval-mode ``bn`` (BatchNorm1d) then ``linear``.
+
+    linear(scale * x + shift) = (W * scale) x + (b + W @ shift): BN scales the Linear's
+    inputs, so the scale multiplies W's columns, and the shift passes through the weight.
+    """
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias.detach() - bn.running_mean * scale
+    w = linear.weight.detach()
+    b = linear.bias.detach() if linear.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+    return w * scale, b + w @ shift
+
+
 if __name__ == "__main__":
     from bnlab.teaching import exercises
 

@@ -1,5 +1,7 @@
 """BatchNorm itself: the math, the modules, the hooks that look inside a model.
 
+- ``reference``: the teaching BatchNorm, forward and backward written as the math and the
+  running statistics, no validation, one screen (03 builds and shows it first);
 - ``functional``: forward, backward and running statistics as tensor math, argument
   validation (notebooks 02, 03);
 - ``modules``: BatchNorm1d/2d/3d, drop-ins for torch.nn's (03);

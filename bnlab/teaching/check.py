@@ -10,6 +10,14 @@ matches names the diagnosis; no match is a generic failure.
 - :func:`check_running_stats` a module with running buffers, or
   ``step(x, running_mean, running_var, momentum)`` updating the buffers in place.
 
+One catalogue of typical mistakes serves every checker of the course (these and
+:mod:`bnlab.teaching.exercises`'): a mistake has one name and one hint (:data:`_HINTS`),
+and :func:`bn_variants`, :func:`dx_variants` and :func:`standardize` build it into BN,
+its input gradient, and any normalization, so that a checker whose function normalizes
+names the same mistakes (unbiased variance, eps outside the root or missing or
+hard-coded, wrong axes, gamma or beta dropped). A result that matches none of them fails
+with where it differs (which output and channel) and the notebook section to reread.
+
 Why the inputs look as they do: a small batch (m = 16 values per channel, or 4 for
 running statistics) makes the factor m / (m - 1) of an unbiased variance visible; a
 channel with std 0.01 and eps = 1e-3 makes sqrt(var + eps) and sqrt(var) + eps differ
@@ -22,6 +30,7 @@ Serves notebook 03.
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +46,11 @@ AXES_ALL = "wrong reduction axes: all axes, the channel axis too"
 AXES_PER_SAMPLE = "wrong reduction axes: per sample (2, 3)"
 EPS_OUTSIDE_SQRT = "eps outside the square root: sqrt(var) + eps"
 EPS_MISSING = "eps missing: divides by sqrt(var)"
+EPS_HARD_CODED = "eps hard-coded to 1e-5 instead of the eps passed in"
+GAMMA_MISSING = "gamma dropped: the normalized value is not scaled by gamma"
+BETA_MISSING = "beta dropped: nothing is added after scaling by gamma"
+DGAMMA_WITHOUT_XHAT = "dgamma sums dout instead of dout * xhat"
+DPARAMS_AVERAGED = "dgamma or dbeta averaged over the batch instead of summed"
 STATS_AS_CONSTANTS = "backward treats mean and var as constants"
 MISSING_MEAN_PATH = "backward misses the gradient through the mean"
 MISSING_VAR_PATH = "backward misses the gradient through the variance"
@@ -44,24 +58,51 @@ MISSING_RUNNING_UPDATE = "missing running-stat update"
 KERAS_MOMENTUM = "momentum applied to the old value (Keras convention)"
 BIASED_RUNNING_VAR = "running variance stores the biased variance"
 RUNNING_OVERWRITTEN = "running stats overwritten by the last batch (no averaging)"
+RUNNING_REBOUND = "running buffers rebound to new tensors instead of updated in place"
+
+#: the eps a function that ignores its eps argument usually hard-codes (torch's default)
+DEFAULT_EPS = 1e-5
 
 _HINTS = {
     UNBIASED_VARIANCE: "normalize with the biased variance, mean((x - mean)**2): unbiased=False",
     AXES_BATCH_ONLY: "for (N, C, H, W) input reduce over (0, 2, 3): one statistic per channel",
     AXES_ALL: "keep the channel axis: reduce over (0, 2, 3), not over every axis",
-    AXES_PER_SAMPLE: "BN reduces over the batch too: (0, 2, 3); (2, 3) is instance norm",
+    AXES_PER_SAMPLE: "BN reduces over the batch too: (0,) for (N, C), (0, 2, 3) for "
+    "(N, C, H, W); per-sample statistics are layer or instance norm",
     EPS_OUTSIDE_SQRT: "add eps to the variance, then take the root: sqrt(var + eps)",
     EPS_MISSING: "add eps to the variance before the square root: sqrt(var + eps)",
-    STATS_AS_CONSTANTS: "mean and var depend on x: dx = g/std * (dout - mean(dout) "
-    "- xhat * mean(dout * xhat))",
-    MISSING_MEAN_PATH: "subtract mean(dout): the mean depends on every x",
-    MISSING_VAR_PATH: "subtract xhat * mean(dout * xhat): the variance depends on every x",
-    MISSING_RUNNING_UPDATE: "in training, update running_mean and running_var after each batch",
+    EPS_HARD_CODED: "use the eps argument: the check passes one other than 1e-5",
+    GAMMA_MISSING: "scale the normalized value by gamma (one per channel) before adding beta",
+    BETA_MISSING: "add beta (one per channel) after scaling by gamma",
+    DGAMMA_WITHOUT_XHAT: "out = gamma * xhat + beta, so dgamma = sum(dout * xhat) over "
+    "every axis but the channel axis",
+    DPARAMS_AVERAGED: "gamma and beta are shared by every value of a channel: their gradients "
+    "are sums over every axis but the channel axis, not means",
+    STATS_AS_CONSTANTS: "the mean and the variance depend on every x too: add the gradient "
+    "that reaches x through mu and the one through sigma^2 (the figure's two curved paths)",
+    MISSING_MEAN_PATH: "the path through the mean is missing: mu depends on every x",
+    MISSING_VAR_PATH: "the path through the variance is missing: sigma^2 depends on every x",
+    MISSING_RUNNING_UPDATE: "in training, update running_mean and running_var (in place) after "
+    "each batch",
     KERAS_MOMENTUM: "PyTorch weighs the NEW value: running = (1 - momentum) * running "
     "+ momentum * batch (see bnlab.functional.convert_momentum)",
     BIASED_RUNNING_VAR: "store the unbiased variance: var * m / (m - 1)",
     RUNNING_OVERWRITTEN: "average: running = (1 - momentum) * running + momentum * batch",
+    RUNNING_REBOUND: "`running_mean = ...` makes a new local tensor and leaves the buffer as it "
+    "was: update the tensor you were given, running_mean.mul_(1 - momentum).add_(momentum * "
+    "mean) (or running_mean.copy_(...))",
 }
+
+
+def reread(section: str) -> str:
+    """The fallback's pointer: the notebook section (its heading's text) to reread."""
+    return f"reread the section “{section}” and compare your code with its formula"
+
+
+# Where each of notebook 03's exercises is taught (the headings' text, without numbers)
+FORWARD_SECTION = "The forward, by you"
+BACKWARD_SECTION = "The backward, by you"
+RUNNING_SECTION = "The running statistics, by you"
 
 
 @dataclass
@@ -115,41 +156,89 @@ def _forward_input(ndim: int = 4, seed: int = 0) -> tuple[Tensor, Tensor, Tensor
 # ---------------------------------------------------------------------------------
 
 
-def _normalize(x, gamma, beta, eps, dims, unbiased=False, eps_mode="inside") -> Tensor:
+#: the mistakes of a normalization (x - mean) / sqrt(var + eps) itself
+NORMALIZE_MISTAKES = (UNBIASED_VARIANCE, EPS_OUTSIDE_SQRT, EPS_MISSING, EPS_HARD_CODED)
+
+
+def standardize(x: Tensor, dims, eps: float, mistake: str | None = None) -> Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over ``dims`` (biased variance), or with one of
+    :data:`NORMALIZE_MISTAKES` built in; differentiable."""
     mean = x.mean(dim=dims, keepdim=True)
-    var = x.var(dim=dims, keepdim=True, unbiased=unbiased)
-    if eps_mode == "inside":
-        std = torch.sqrt(var + eps)
-    elif eps_mode == "outside":
-        std = torch.sqrt(var) + eps
+    var = x.var(dim=dims, keepdim=True, unbiased=mistake == UNBIASED_VARIANCE)
+    if mistake == EPS_OUTSIDE_SQRT:
+        std = var.sqrt() + eps
+    elif mistake == EPS_MISSING:
+        std = var.sqrt()
     else:
-        std = torch.sqrt(var)
-    return F.per_channel(gamma, x) * (x - mean) / std + F.per_channel(beta, x)
+        std = (var + (DEFAULT_EPS if mistake == EPS_HARD_CODED else eps)).sqrt()
+    return (x - mean) / std
 
 
-def _forward_variants(x, gamma, beta, eps) -> dict[str, Tensor]:
-    dims = F.reduce_dims(x)
-    variants = {
-        UNBIASED_VARIANCE: _normalize(x, gamma, beta, eps, dims, unbiased=True),
-        EPS_OUTSIDE_SQRT: _normalize(x, gamma, beta, eps, dims, eps_mode="outside"),
-        EPS_MISSING: _normalize(x, gamma, beta, eps, dims, eps_mode="none"),
-        AXES_ALL: _normalize(x, gamma, beta, eps, tuple(range(x.dim()))),
+def wrong_axes(x: Tensor) -> dict[str, tuple[int, ...]]:
+    """The wrong reduction axes for BN of ``x``, by mistake: every axis, per sample, and
+    (for (N, C, H, W)) the batch axis only."""
+    axes = {
+        AXES_ALL: tuple(range(x.dim())),
+        AXES_PER_SAMPLE: tuple(range(1 if x.dim() == 2 else 2, x.dim())),
     }
     if x.dim() > 2:  # for (N, C) input, (0,) is the right set of axes
-        variants[AXES_BATCH_ONLY] = _normalize(x, gamma, beta, eps, (0,))
-        variants[AXES_PER_SAMPLE] = _normalize(x, gamma, beta, eps, tuple(range(2, x.dim())))
+        axes[AXES_BATCH_ONLY] = (0,)
+    return axes
+
+
+def _bn(x, gamma, beta, eps, mistake: str | None = None) -> Tensor:
+    """BN's training forward, or with one mistake of the catalogue built in."""
+    dims = wrong_axes(x).get(mistake, F.reduce_dims(x))
+    xhat = standardize(x, dims, eps, mistake if mistake in NORMALIZE_MISTAKES else None)
+    g = 1.0 if mistake == GAMMA_MISSING else F.per_channel(gamma, x)
+    b = 0.0 if mistake == BETA_MISSING else F.per_channel(beta, x)
+    return g * xhat + b
+
+
+def _forward_mistakes(x: Tensor) -> tuple[str, ...]:
+    return (*NORMALIZE_MISTAKES, *wrong_axes(x), GAMMA_MISSING, BETA_MISSING)
+
+
+def bn_variants(x: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> dict[str, Tensor]:
+    """BN's training output with each typical forward mistake built in, by mistake."""
+    return {m: _bn(x, gamma, beta, eps, m) for m in _forward_mistakes(x)}
+
+
+def dx_variants(dout: Tensor, x: Tensor, gamma: Tensor, eps: float) -> dict[str, Tensor]:
+    """BN's input gradient with each typical mistake built in, by mistake: the forward's
+    (through autograd, a dropped beta aside: it leaves dx alone) and the backward's own
+    (the statistics treated as constants, a path through them missing)."""
+    variants = {}
+    for mistake in _forward_mistakes(x):
+        if mistake == BETA_MISSING:
+            continue
+        xg = x.detach().clone().requires_grad_(True)
+        out = _bn(xg, gamma, torch.zeros_like(gamma), eps, mistake)
+        (variants[mistake],) = torch.autograd.grad(out, xg, dout)
+    xhat = standardize(x, F.reduce_dims(x), eps)
+    ivar = (x.var(dim=F.reduce_dims(x), keepdim=True, unbiased=False) + eps).rsqrt()
+    g, dims = F.per_channel(gamma, x), F.reduce_dims(x)
+    mean_dout = dout.mean(dim=dims, keepdim=True)
+    mean_dout_xhat = (dout * xhat).mean(dim=dims, keepdim=True)
+    variants[STATS_AS_CONSTANTS] = g * ivar * dout
+    variants[MISSING_MEAN_PATH] = g * ivar * (dout - xhat * mean_dout_xhat)
+    variants[MISSING_VAR_PATH] = g * ivar * (dout - mean_dout)
     return variants
 
 
-def _backward_variants(dout: Tensor, cache: tuple) -> dict[str, Tensor]:
-    xhat, g, _xmu, ivar, *_rest, dims = cache
-    mean_dout = dout.mean(dim=dims, keepdim=True)
-    mean_dout_xhat = (dout * xhat).mean(dim=dims, keepdim=True)
-    return {
-        STATS_AS_CONSTANTS: g * ivar * dout,
-        MISSING_MEAN_PATH: g * ivar * (dout - xhat * mean_dout_xhat),
-        MISSING_VAR_PATH: g * ivar * (dout - mean_dout),
+def _dparam_variants(dout: Tensor, x: Tensor, eps: float, which: str) -> dict[str, Tensor]:
+    """dgamma (``which`` "dgamma") or dbeta with each typical mistake built in."""
+    dims = F.reduce_dims(x)
+    grad = dout * standardize(x, dims, eps) if which == "dgamma" else dout
+    variants = {
+        DPARAMS_AVERAGED: grad.mean(dim=dims),
+        AXES_ALL: grad.sum(),
     }
+    if x.dim() > 2:
+        variants[AXES_BATCH_ONLY] = grad.sum(dim=0)
+    if which == "dgamma":
+        variants[DGAMMA_WITHOUT_XHAT] = dout.sum(dim=dims)
+    return variants
 
 
 def _running_reference(batches, momentum, variant: str | None) -> tuple[Tensor, Tensor]:
@@ -178,8 +267,53 @@ def _running_reference(batches, momentum, variant: str | None) -> tuple[Tensor, 
 # ---------------------------------------------------------------------------------
 
 
-def _max_diff(a: Tensor, b: Tensor) -> float:
-    return (a.detach().to(torch.float64) - b.to(torch.float64)).abs().max().item()
+def _max_diff(a: Tensor, b: Tensor, scale: Tensor | float = 1.0) -> float:
+    return ((a.detach().to(torch.float64) - b.to(torch.float64)) / scale).abs().max().item()
+
+
+#: a result in float32 from float64 inputs is compared to this relative tolerance instead
+FLOAT32_RTOL = 1e-5
+
+
+def _tolerance(got: Tensor, reference: Tensor, tol: float, scale) -> float:
+    """``tol``, or float32's rounding when ``got`` is float32: a right answer computed in
+    float32 passes (none of the course's checks needs float64's precision)."""
+    if got.dtype != torch.float32:
+        return tol
+    size = (reference.to(torch.float64) / scale).abs().max().item() if reference.numel() else 1.0
+    return max(tol, FLOAT32_RTOL * max(1.0, size))
+
+
+def _describe(index: tuple[int, ...], shape: tuple[int, ...], labels) -> str:
+    """Where an element of a result sits: 'var, channel 2', 'channel 1 of sample 3'."""
+    if labels is not None and len(shape) >= 1 and shape[0] == len(labels):
+        head, rest = labels[index[0]], index[1:]
+        return head if not rest else f"{head}, channel {rest[0]}"
+    if len(shape) == 1:
+        return f"channel {index[0]}"
+    if len(shape) >= 2:
+        return f"channel {index[1]} of sample {index[0]}"
+    return "the value"
+
+
+def where_it_differs(got: Tensor, reference: Tensor, scale=1.0, labels=None, describe=None) -> str:
+    """Which output and channel of ``got`` differ most from ``reference``, with both values."""
+    diff = ((got.detach().to(torch.float64) - reference.to(torch.float64)) / scale).abs()
+    flat = int(diff.reshape(-1).argmax())
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(diff.shape)))
+    place = (describe or (lambda i: _describe(i, tuple(diff.shape), labels)))(index)
+    value, want = got.detach().to(torch.float64)[index].item(), reference[index].item()
+    return f"it differs most at {place} (got {value:.6g}, expected {want:.6g})"
+
+
+def _shape_message(what: str, got: Tensor, reference: Tensor, labels) -> str:
+    if labels is not None and got.dim() >= 1 and got.shape[0] == reference.shape[0] == len(labels):
+        names = " and ".join(labels) if len(labels) == 2 else ", ".join(labels)
+        return (
+            f"{names} have shape {tuple(got.shape[1:])} each, expected "
+            f"{tuple(reference.shape[1:])} (one value per channel)"
+        )
+    return f"{what} has shape {tuple(got.shape)}, expected {tuple(reference.shape)}"
 
 
 def _diagnose(
@@ -189,25 +323,36 @@ def _diagnose(
     what: str,
     tol: float,
     hints: dict[str, str] | None = None,
-    fallback: str = "check it step by step against bnlab.functional.batchnorm_forward",
+    fallback: str = reread(FORWARD_SECTION),
+    labels: tuple[str, ...] | None = None,
+    scale: Tensor | float = 1.0,
+    describe: Callable[[tuple[int, ...]], str] | None = None,
 ) -> CheckResult:
-    """Pass, the mistake variant ``got`` matches (its hint from ``hints``), or a failure.
+    """Pass, the mistake variant ``got`` matches (its hint from ``hints``), or a failure
+    that says where ``got`` differs most and ends with ``fallback`` (the section to reread).
 
-    A result of the wrong shape can still match a variant of that shape (wrong axes give
-    wrong shapes); shared with :mod:`bnlab.teaching.exercises`.
+    ``labels`` name the entries of a stacked result's first axis ("mean", "var");
+    ``scale`` makes the comparison relative (differences are divided by it); ``describe``
+    names the place of an element index, where the default (channel and sample) does not
+    fit. A result of the wrong shape can still match a variant of that shape (wrong axes
+    give wrong shapes); a float32 result is compared at float32's precision. Shared with
+    :mod:`bnlab.teaching.exercises`.
     """
     hints = _HINTS if hints is None else hints
+    tol = _tolerance(got, reference, tol, scale)
     same_shape = {n: v for n, v in variants.items() if tuple(v.shape) == tuple(got.shape)}
     if tuple(got.shape) != tuple(reference.shape):
         diff = float("inf")
-        message = f"{what} has shape {tuple(got.shape)}, expected {tuple(reference.shape)}"
+        message = _shape_message(what, got, reference, labels)
     else:
-        diff = _max_diff(got, reference)
+        diff = _max_diff(got, reference, scale)
         if diff <= tol:
-            return CheckResult(True, None, f"{what} matches the reference", diff)
-        message = f"{what} differs from the reference and matches none of the typical mistakes"
-        message += f"; {fallback}"
-    scores = {name: _max_diff(got, v) for name, v in same_shape.items()}
+            precision = " to float32 precision" if got.dtype == torch.float32 else ""
+            return CheckResult(True, None, f"{what} matches the reference{precision}", diff)
+        where = where_it_differs(got, reference, scale, labels, describe)
+        message = f"{what} differs from the reference and matches none of the typical "
+        message += f"mistakes: {where}; {fallback}"
+    scores = {name: _max_diff(got, v, scale) for name, v in same_shape.items()}
     name = min(scores, key=scores.get) if scores else None
     if name is not None and scores[name] <= tol:
         return CheckResult(False, name, f"{what} is wrong. Hint: {hints[name]}", diff)
@@ -251,7 +396,7 @@ def check_forward(fn: Callable, ndim: int = 4, tol: float = 1e-6) -> CheckResult
             False, None, f"returned {type(got).__name__}, expected a tensor", float("inf")
         )
     reference, _ = F.batchnorm_forward(x, gamma, beta, eps)
-    return _diagnose(got, reference, _forward_variants(x, gamma, beta, eps), "forward output", tol)
+    return _diagnose(got, reference, bn_variants(x, gamma, beta, eps), "forward output", tol)
 
 
 def check_backward(
@@ -283,16 +428,26 @@ def check_backward(
         return error
     if not (isinstance(grads, tuple) and len(grads) == 3):
         return CheckResult(False, None, "backward must return (dx, dgamma, dbeta)", float("inf"))
+    try:
+        grads = [torch.as_tensor(g) for g in grads]
+    except (TypeError, ValueError, RuntimeError) as err:
+        return CheckResult(False, None, f"backward returned a non-tensor: {err}", float("inf"))
+    fallback = reread(BACKWARD_SECTION)
     checks = [
-        _diagnose(grads[1], ref[1], {}, "dgamma", tol),
-        _diagnose(grads[2], ref[2], {}, "dbeta", tol),
-        _diagnose(grads[0], ref[0], _backward_variants(dout, ref_cache), "dx", tol),
+        _diagnose(
+            grads[i], ref[i], _dparam_variants(dout, x, eps, name), name, tol, fallback=fallback
+        )
+        for i, name in ((1, "dgamma"), (2, "dbeta"))
     ]
+    checks.append(
+        _diagnose(grads[0], ref[0], dx_variants(dout, x, gamma, eps), "dx", tol, fallback=fallback)
+    )
     failed = [c for c in checks if not c.passed]
     if not failed:
         worst = max(c.max_abs_diff for c in checks)
         return CheckResult(True, None, "dx, dgamma and dbeta match the reference", worst)
-    return failed[-1] if failed[-1].mistake else failed[0]
+    named = [c for c in failed if c.mistake]
+    return named[0] if named else failed[0]
 
 
 def _module_step(module: nn.Module) -> Callable:
@@ -309,6 +464,32 @@ def _module_step(module: nn.Module) -> Callable:
         running_var.copy_(module.running_var.detach())
 
     return step
+
+
+def _rebinds(fn: Callable, x: Tensor, momentum: float) -> bool:
+    """Whether ``fn(x, running_mean, running_var, momentum)`` binds a new tensor to its
+    running_mean or running_var parameter (``running_mean = ...``) instead of updating the
+    tensor it was given: its locals are read when it returns (``sys.setprofile``)."""
+    code = getattr(fn, "__code__", None)
+    if code is None or code.co_argcount < 3:
+        return False
+    rm, rv = torch.zeros(x.shape[1], dtype=x.dtype), torch.ones(x.shape[1], dtype=x.dtype)
+    names = code.co_varnames[1:3]
+    seen: dict = {}
+
+    def profile(frame, event, _arg):
+        if event == "return" and frame.f_code is code:
+            seen.update({n: frame.f_locals.get(n) for n in names})
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        fn(x.clone(), rm, rv, momentum)
+    except Exception:  # the learner's code; check_running_stats reports what it raised
+        return False
+    finally:
+        sys.setprofile(previous)
+    return any(n in seen and seen[n] is not given for n, given in zip(names, (rm, rv), strict=True))
 
 
 def check_running_stats(
@@ -356,6 +537,14 @@ def check_running_stats(
             return error
     got = torch.cat([rm, rv])
     ref = torch.cat(_running_reference(batches, momentum, None))
+    if (
+        _max_diff(got, ref) > tol
+        and not isinstance(step, nn.Module)
+        and _rebinds(fn, batches[0], momentum)
+    ):
+        message = "the buffers you were given did not change: new tensors were bound to "
+        message += f"their names instead of updating them in place. Hint: {_HINTS[RUNNING_REBOUND]}"
+        return CheckResult(False, RUNNING_REBOUND, message, _max_diff(got, ref))
     variants = {
         name: torch.cat(_running_reference(batches, momentum, name))
         for name in (
@@ -365,4 +554,15 @@ def check_running_stats(
             RUNNING_OVERWRITTEN,
         )
     }
-    return _diagnose(got, ref, variants, f"running (mean, var) after {steps} steps", tol)
+    got, ref = got.reshape(2, -1), ref.reshape(2, -1)
+    variants = {name: v.reshape(2, -1) for name, v in variants.items()}
+    what = f"(running_mean, running_var) after {steps} steps"
+    return _diagnose(
+        got,
+        ref,
+        variants,
+        what,
+        tol,
+        fallback=reread(RUNNING_SECTION),
+        labels=("running_mean", "running_var"),
+    )

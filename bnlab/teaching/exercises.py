@@ -14,7 +14,15 @@ notebook 03's exercises are its :func:`~bnlab.teaching.check.check_forward`,
 solutions file, a notebook's globals) through them. The reference solutions are in
 ``solutions/NN_topic.py``, which CI runs through these checkers (``tests/teaching``).
 
-Serves notebooks 01, 02, 03, 04, 05, 06, 07 and 08.
+The mistakes are one catalogue, :mod:`bnlab.teaching.check`'s: a checker whose function
+normalizes names the same ones (unbiased variance, eps outside the root, missing or
+hard-coded, wrong axes, gamma or beta dropped), and every check that takes an eps passes
+one other than torch's default 1e-5. A result that matches no mistake fails with where it
+differs and the section of the notebook to reread (:data:`SECTIONS`); a right answer in
+float32 passes. :meth:`Exercise.run` finds the learner's ``my_<function>`` or
+``<function>``.
+
+Serves notebooks 01, 02, 03, 04, 05, 06, 07, 08 and 09.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from bnlab.nn import functional as F
 from bnlab.nn.hooks import batchnorm_layers, layers, leaves
 from bnlab.nn.modules import is_batchnorm
 from bnlab.teaching import check
-from bnlab.teaching.check import CheckResult, _call, _diagnose, _forward_input
+from bnlab.teaching.check import CheckResult, _call, _diagnose, _forward_input, reread
 
 # ---------------------------------------------------------------------------------
 # Mistake names, as reported in CheckResult.mistake
@@ -46,6 +54,9 @@ AXES_ALL = check.AXES_ALL
 AXES_BATCH_ONLY = check.AXES_BATCH_ONLY
 EPS_OUTSIDE_SQRT = check.EPS_OUTSIDE_SQRT
 EPS_MISSING = check.EPS_MISSING
+EPS_HARD_CODED = check.EPS_HARD_CODED
+GAMMA_MISSING = check.GAMMA_MISSING
+BETA_MISSING = check.BETA_MISSING
 BATCH_STATS_IN_EVAL = "eval mode normalizes with the batch's statistics"
 AFFINE_MISSING = "gamma and beta not applied"
 # 02 math
@@ -53,6 +64,7 @@ STATS_AS_CONSTANTS = check.STATS_AS_CONSTANTS
 MISSING_MEAN_PATH = check.MISSING_MEAN_PATH
 MISSING_VAR_PATH = check.MISSING_VAR_PATH
 GAMMA_IS_VAR = "gamma set to the variance instead of the standard deviation"
+GAMMA_IS_VAR_EPS = "gamma set to var + eps: the square root is missing"
 GAMMA_IS_INVSTD = "gamma set to 1 / std: the normalization's factor, not its inverse"
 BETA_ZERO = "beta left at 0 instead of the mean"
 # 04 kernels
@@ -72,7 +84,6 @@ BN_MISSING = "a conv or hidden linear layer has no BatchNorm after it"
 BN_WRONG_RANK = "BatchNorm1d after a conv (or BatchNorm2d after a linear)"
 BN_WRONG_FEATURES = "BatchNorm's num_features is not the layer's output width"
 BN_AFTER_LAST_LINEAR = "BatchNorm after the last linear layer (on the logits)"
-BN_AFTER_ACTIVATION = "BatchNorm after the activation instead of before it"
 # 06 pitfalls
 PREDICT_TRAIN_MODE = "predict runs in train mode: the output depends on the batch"
 PREDICT_LEFT_IN_EVAL = "predict leaves a training model in eval mode"
@@ -84,7 +95,7 @@ RECAL_EXPONENTIAL = "recalibration keeps the exponential average (momentum 0.1)"
 RECAL_MODE_NOT_RESTORED = "recalibration leaves the model in train mode"
 RECAL_MOMENTUM_NOT_RESTORED = "recalibration leaves momentum=None in the BatchNorm layers"
 # 07 fusion
-FOLD_EPS_MISSING = "fold divides by sqrt(running_var) without eps"
+FOLD_EPS_MISSING = EPS_MISSING  # the catalogue's mistake, by its fold-time name
 FOLD_VAR_NOT_STD = "fold divides by running_var + eps instead of its square root"
 FOLD_CONV_BIAS_DROPPED = "fold drops the conv's own bias"
 FOLD_BIAS_NOT_SCALED = "fold adds the conv's bias without scaling it"
@@ -100,11 +111,10 @@ GN_INTERLEAVED_GROUPS = "channels grouped interleaved (c % groups), not contiguo
 
 HINTS = {
     **check._HINTS,
-    AXES_PER_SAMPLE: "BN reduces over the batch too: (0,) for (N, C), (0, 2, 3) for "
-    "(N, C, H, W); per-sample statistics are layer or instance norm",
     BATCH_STATS_IN_EVAL: "in eval mode use running_mean and running_var, not x's statistics",
     AFFINE_MISSING: "scale by gamma and shift by beta after normalizing",
     GAMMA_IS_VAR: "BN divides by sqrt(var + eps); to undo it multiply by sqrt(var + eps)",
+    GAMMA_IS_VAR_EPS: "BN divides by the standard deviation sqrt(var + eps), not by var + eps",
     GAMMA_IS_INVSTD: "gamma must undo the division by sqrt(var + eps): gamma = sqrt(var + eps)",
     BETA_ZERO: "BN subtracts the mean; beta = mean adds it back",
     MERGE_NO_CORRECTION: "the two parts' deviations are from their own means: add "
@@ -123,7 +133,6 @@ HINTS = {
     BN_WRONG_RANK: "BatchNorm2d(channels) after a conv, BatchNorm1d(features) after a linear",
     BN_WRONG_FEATURES: "num_features = the conv's out_channels or the linear's out_features",
     BN_AFTER_LAST_LINEAR: "the last linear layer's outputs are the logits: no BatchNorm there",
-    BN_AFTER_ACTIVATION: "layer -> BatchNorm -> activation, as in Ioffe & Szegedy",
     PREDICT_TRAIN_MODE: "call model.eval() before the forward",
     PREDICT_LEFT_IN_EVAL: "remember model.training and call model.train(was_training) after",
     PREDICT_FORCED_TRAIN: "restore the previous mode: model.train(was_training), not .train()",
@@ -133,7 +142,6 @@ HINTS = {
     RECAL_EXPONENTIAL: "set momentum=None for a cumulative (equal-weight) average",
     RECAL_MODE_NOT_RESTORED: "remember model.training and restore it afterwards",
     RECAL_MOMENTUM_NOT_RESTORED: "put every BatchNorm's momentum back afterwards",
-    FOLD_EPS_MISSING: "scale = gamma / sqrt(running_var + eps)",
     FOLD_VAR_NOT_STD: "scale = gamma / sqrt(running_var + eps): the root of the variance",
     FOLD_CONV_BIAS_DROPPED: "bias = (conv_bias - running_mean) * scale + beta",
     FOLD_BIAS_NOT_SCALED: "BN scales what the conv outputs, its bias too: (b - mean) * scale",
@@ -150,7 +158,35 @@ HINTS = {
 }
 
 _F64 = torch.float64
-_FALLBACK = "work through it step by step against the notebook's formula (solutions/ has one)"
+_FALLBACK = "work through it step by step against the notebook's formula"
+
+#: exercise function -> (notebook, the heading's text, without its number) of the section
+#: that teaches it: the fallback's pointer when a result matches no typical mistake
+SECTIONS = {
+    "batch_stats": ("01_concepts", "What BN computes: per feature, per channel"),
+    "bn_eval": ("01_concepts", "Training mode and evaluation mode in one picture"),
+    "bn_backward_dx": ("02_math", "The compact formula"),
+    "identity_params": ("02_math", "Why γ and β: BN can represent the identity"),
+    "bn_forward": ("03_scratch", check.FORWARD_SECTION),
+    "bn_backward": ("03_scratch", check.BACKWARD_SECTION),
+    "running_stats_step": ("03_scratch", check.RUNNING_SECTION),
+    "merge": ("04_numba_kernels", "Welford and Chan, and the catastrophic cancellation"),
+    "welford_update": ("04_numba_kernels", "Welford and Chan, and the catastrophic cancellation"),
+    "t_interval": ("05_lenet", "The t interval"),
+    "predict": ("06_pitfalls", "Forgetting `model.eval()`"),
+    "keras_to_torch": ("06_pitfalls", "Momentum and eps conventions across frameworks"),
+    "recalibrate": ("06_pitfalls", "Stale or mismatched statistics: re-estimate them"),
+    "scale_shift": ("07_fusion", "The algebra: one affine map absorbed into another"),
+    "fold": ("07_fusion", "The algebra: one affine map absorbed into another"),
+    "zero_init_last_gamma": ("08_claims", "Initialize the last γ of every residual block"),
+    "group_norm": ("08_claims", "The normalization family"),
+    "merge_replica_stats": ("09_distributed", "SyncBatchNorm is BN over the concatenated batch"),
+    "ghost_bn": ("09_distributed", "Ghost batch normalization"),
+}
+
+
+def _reread(function: str) -> str:
+    return reread(SECTIONS[function][1])
 
 
 # ---------------------------------------------------------------------------------
@@ -182,17 +218,24 @@ def _tensor(value) -> Tensor:
 
 def _results(got, n: int, what: str, flat: bool = False) -> tuple[Tensor | None, CheckResult]:
     """A learner's n-tuple as one float64 tensor: stacked (same shapes) or ``flat``."""
-    if not isinstance(got, (tuple, list)) or len(got) != n:
-        return None, _fail(f"{what} must be a tuple of {n} values, got {type(got).__name__}")
+    if not isinstance(got, (tuple, list)):
+        return None, _fail(f"must return a tuple of {n} values {what}, got {type(got).__name__}")
+    if len(got) != n:
+        return None, _fail(f"must return a tuple of {n} values {what}, got {len(got)} values")
     try:
         parts = [_tensor(v) for v in got]
     except (TypeError, ValueError, RuntimeError) as err:
         return None, _fail(f"{what} holds something that is not a number or tensor: {err}")
+    # a float32 answer stays float32, so that it is compared at float32's precision
+    single = any(isinstance(v, Tensor) and v.dtype == torch.float32 for v in got)
     if flat:
-        return torch.cat([p.reshape(-1) for p in parts]), None
+        out = torch.cat([p.reshape(-1) for p in parts])
+        return (out.float() if single else out), None
     if len({tuple(p.shape) for p in parts}) != 1:
-        return None, _fail(f"the {n} values of {what} have different shapes")
-    return torch.stack(parts), None
+        shapes = ", ".join(str(tuple(p.shape)) for p in parts)
+        return None, _fail(f"the {n} values of {what} have different shapes: {shapes}")
+    out = torch.stack(parts)
+    return (out.float() if single else out), None
 
 
 def _call_results(fn: Callable, args: tuple, n: int, what: str, flat: bool = False):
@@ -228,6 +271,16 @@ def _per_channel_pair(fn: Callable, args: tuple, what: str, channels: int):
     return torch.stack([_per_channel_vector(g, channels) for g in got]), None
 
 
+def _stats_variants(x: Tensor, value: Callable[[Tensor, Tensor], Tensor]) -> dict[str, Tensor]:
+    """``value(mean, var)`` from statistics with each mistake of the catalogue that fits
+    them: the unbiased variance and each wrong set of axes."""
+    dims = F.reduce_dims(x)
+    variants = {UNBIASED_VARIANCE: value(x.mean(dim=dims), x.var(dim=dims, unbiased=True))}
+    for mistake, axes in check.wrong_axes(x).items():
+        variants[mistake] = value(x.mean(dim=axes), x.var(dim=axes, unbiased=False))
+    return variants
+
+
 def _stats(x: Tensor, dims, unbiased: bool = False) -> Tensor:
     return torch.stack([x.mean(dim=dims), x.var(dim=dims, unbiased=unbiased)])
 
@@ -237,16 +290,18 @@ def _batch_stats_case(fn: Callable, ndim: int, tol: float) -> CheckResult:
     got, error = _per_channel_pair(fn, (x.clone(),), "(mean, var)", x.shape[1])
     if error is not None:
         return error
-    dims = F.reduce_dims(x)
-    variants = {
-        UNBIASED_VARIANCE: _stats(x, dims, unbiased=True),
-        AXES_ALL: _stats(x, tuple(range(x.dim()))),
-        AXES_PER_SAMPLE: _stats(x, tuple(range(2 if ndim == 4 else 1, x.dim()))),
-    }
-    if ndim == 4:
-        variants[AXES_BATCH_ONLY] = _stats(x, (0,))
+    variants = _stats_variants(x, lambda mean, var: torch.stack([mean, var]))
     what = f"(mean, var) of a {tuple(x.shape)} input"
-    return _diagnose(got, _stats(x, dims), variants, what, tol, HINTS, _FALLBACK)
+    return _diagnose(
+        got,
+        _stats(x, F.reduce_dims(x)),
+        variants,
+        what,
+        tol,
+        HINTS,
+        _reread("batch_stats"),
+        labels=("mean", "var"),
+    )
 
 
 def check_batch_stats(fn: Callable, tol: float = 1e-6) -> CheckResult:
@@ -269,10 +324,19 @@ def _eval_input() -> tuple[Tensor, ...]:
     return x, running_mean, running_var, gamma, beta, eps
 
 
-def _eval_bn(x, mean, var, gamma, beta, eps, eps_outside=False, affine=True) -> Tensor:
-    std = var.sqrt() + eps if eps_outside else (var + eps).sqrt()
+def _eval_bn(x, mean, var, gamma, beta, eps, mistake: str | None = None) -> Tensor:
+    """Eval-mode BN with the running statistics, or with one mistake built in."""
+    std = {
+        EPS_OUTSIDE_SQRT: lambda: var.sqrt() + eps,
+        EPS_MISSING: var.sqrt,
+        EPS_HARD_CODED: lambda: (var + check.DEFAULT_EPS).sqrt(),
+    }.get(mistake, lambda: (var + eps).sqrt())()
     out = (x - F.per_channel(mean, x)) / F.per_channel(std, x)
-    return F.per_channel(gamma, x) * out + F.per_channel(beta, x) if affine else out
+    if mistake in (AFFINE_MISSING, GAMMA_MISSING):
+        return out if mistake == AFFINE_MISSING else out + F.per_channel(beta, x)
+    return F.per_channel(gamma, x) * out + (
+        0.0 if mistake == BETA_MISSING else F.per_channel(beta, x)
+    )
 
 
 def check_bn_eval(fn: Callable, tol: float = 1e-6) -> CheckResult:
@@ -288,12 +352,18 @@ def check_bn_eval(fn: Callable, tol: float = 1e-6) -> CheckResult:
         return _fail(f"returned {type(got).__name__}, expected a tensor")
     x, mean, var, gamma, beta, eps = args
     batch_mean, batch_var = F.batch_stats(x)
-    variants = {
-        BATCH_STATS_IN_EVAL: _eval_bn(x, batch_mean, batch_var, gamma, beta, eps),
-        EPS_OUTSIDE_SQRT: _eval_bn(*args, eps_outside=True),
-        AFFINE_MISSING: _eval_bn(*args, affine=False),
-    }
-    return _diagnose(got, _eval_bn(*args), variants, "eval-mode output", tol, HINTS, _FALLBACK)
+    variants = {BATCH_STATS_IN_EVAL: _eval_bn(x, batch_mean, batch_var, gamma, beta, eps)}
+    for mistake in (
+        EPS_OUTSIDE_SQRT,
+        EPS_MISSING,
+        EPS_HARD_CODED,
+        AFFINE_MISSING,
+        GAMMA_MISSING,
+        BETA_MISSING,
+    ):
+        variants[mistake] = _eval_bn(*args, mistake=mistake)
+    fallback = _reread("bn_eval")
+    return _diagnose(got, _eval_bn(*args), variants, "eval-mode output", tol, HINTS, fallback)
 
 
 # ---------------------------------------------------------------------------------
@@ -317,8 +387,8 @@ def check_bn_backward_dx(fn: Callable, ndim: int = 2, tol: float = 1e-6) -> Chec
         return _fail(f"returned {type(got).__name__}, expected the tensor dx")
     cache = F.batchnorm_forward(x, gamma, beta, eps)[1]
     reference = F.batchnorm_backward_compact(dout, cache)[0]
-    variants = check._backward_variants(dout, cache)
-    return _diagnose(got, reference, variants, "dx", tol, HINTS, _FALLBACK)
+    variants = check.dx_variants(dout, x, gamma, eps)
+    return _diagnose(got, reference, variants, "dx", tol, HINTS, _reread("bn_backward_dx"))
 
 
 def check_identity_params(fn: Callable, tol: float = 1e-6) -> CheckResult:
@@ -327,28 +397,34 @@ def check_identity_params(fn: Callable, tol: float = 1e-6) -> CheckResult:
     x is (N, C, H, W) float64 with one channel of std 0.01, so forgetting eps shows.
     """
     x, _gamma, _beta, eps = _forward_input(4)
-    got, error = _per_channel_pair(
-        fn,
-        (
-            x.clone(),
-            eps,
-        ),
-        "(gamma, beta)",
-        x.shape[1],
-    )
+    got, error = _per_channel_pair(fn, (x.clone(), eps), "(gamma, beta)", x.shape[1])
     if error is not None:
         return error
     mean, var = F.batch_stats(x)
-    m = x.numel() // x.shape[1]
+
+    def params(mean, var):
+        return torch.stack([(var + eps).sqrt(), mean])
+
     variants = {
+        **_stats_variants(x, params),
         GAMMA_IS_VAR: torch.stack([var, mean]),
+        GAMMA_IS_VAR_EPS: torch.stack([var + eps, mean]),
         GAMMA_IS_INVSTD: torch.stack([(var + eps).rsqrt(), mean]),
         EPS_MISSING: torch.stack([var.sqrt(), mean]),
+        EPS_OUTSIDE_SQRT: torch.stack([var.sqrt() + eps, mean]),
+        EPS_HARD_CODED: torch.stack([(var + check.DEFAULT_EPS).sqrt(), mean]),
         BETA_ZERO: torch.stack([(var + eps).sqrt(), torch.zeros_like(mean)]),
-        UNBIASED_VARIANCE: torch.stack([(var * m / (m - 1) + eps).sqrt(), mean]),
     }
-    reference = torch.stack([(var + eps).sqrt(), mean])
-    return _diagnose(got, reference, variants, "(gamma, beta)", tol, HINTS, _FALLBACK)
+    return _diagnose(
+        got,
+        params(mean, var),
+        variants,
+        "(gamma, beta)",
+        tol,
+        HINTS,
+        _reread("identity_params"),
+        labels=("gamma", "beta"),
+    )
 
 
 # ---------------------------------------------------------------------------------
@@ -381,13 +457,22 @@ def check_merge(fn: Callable, tol: float = 1e-6) -> CheckResult:
     got, error = _call_results(fn, (a, b), 3, "(count, mean, M2)", flat=True)
     if error is not None:
         return error
-    scale = _merged(a, b).abs()  # so that tol is relative
+    reference = _merged(a, b)
     variants = {
-        v: _merged(a, b, v) / scale
+        v: _merged(a, b, v)
         for v in (MERGE_NO_CORRECTION, MERGE_UNWEIGHTED_MEAN, MERGE_CORRECTION_NOT_DIVIDED)
     }
-    what = "(count, mean, M2) / reference"
-    return _diagnose(got / scale, _merged(a, b) / scale, variants, what, tol, HINTS, _FALLBACK)
+    return _diagnose(
+        got,
+        reference,
+        variants,
+        "the merged (count, mean, M2)",
+        tol,
+        HINTS,
+        _reread("merge"),
+        scale=reference.abs(),  # tol is relative
+        describe=lambda i: ("count", "mean", "M2")[i[0]],
+    )
 
 
 def _welford_step(state, x: float, variant: str | None = None) -> tuple[int, float, float]:
@@ -434,12 +519,25 @@ def check_welford_update(fn: Callable, tol: float = 1e-6) -> CheckResult:
     if error is not None:
         return error
     rows.append(got)
-    scale = _welford_run().abs().clamp(min=1.0)  # so that tol is relative
-    variants = {
-        v: _welford_run(v) / scale for v in (WELFORD_NEW_MEAN_TWICE, WELFORD_OLD_MEAN_TWICE)
-    }
-    got, reference = torch.stack(rows) / scale, _welford_run() / scale
-    return _diagnose(got, reference, variants, "states / reference", tol, HINTS, _FALLBACK)
+    reference = _welford_run()
+    variants = {v: _welford_run(v) for v in (WELFORD_NEW_MEAN_TWICE, WELFORD_OLD_MEAN_TWICE)}
+
+    def describe(index: tuple[int, ...]) -> str:
+        step = index[0] + 1
+        start = "from (0, 0.0, 0.0)" if step <= len(_WELFORD_VALUES) else "from (4, 1.0, 2.5)"
+        return f"{('count', 'mean', 'M2')[index[1]]} after step {step} ({start})"
+
+    return _diagnose(
+        torch.stack(rows),
+        reference,
+        variants,
+        "the (count, mean, M2) after each step",
+        tol,
+        HINTS,
+        _reread("welford_update"),
+        scale=reference.abs().clamp(min=1.0),  # tol is relative
+        describe=describe,
+    )
 
 
 def _traffic_diagnosis(got: float, numel: int, itemsize: int) -> str | None:
@@ -504,14 +602,22 @@ def _interval_case(fn: Callable, values: Tensor, confidence: float | None, tol: 
     if error is not None:
         return error
     confidence = 0.95 if confidence is None else confidence
-    scale = _interval(values, confidence)[1]  # so that tol is relative to the half-width
+    reference = _interval(values, confidence)
     variants = {
-        v: _interval(values, confidence, v) / scale
-        for v in (Z_INSTEAD_OF_T, POPULATION_STD, DIVIDES_BY_N)
+        v: _interval(values, confidence, v) for v in (Z_INSTEAD_OF_T, POPULATION_STD, DIVIDES_BY_N)
     }
-    what = f"(mean, half_width) / half_width for {values.numel()} values at {confidence}"
-    reference = _interval(values, confidence) / scale
-    return _diagnose(got / scale, reference, variants, what, tol, HINTS, _FALLBACK)
+    what = f"(mean, half_width) of {values.numel()} values at confidence {confidence}"
+    return _diagnose(
+        got,
+        reference,
+        variants,
+        what,
+        tol,
+        HINTS,
+        _reread("t_interval"),
+        scale=reference[1],  # tol is relative to the half-width
+        describe=lambda i: ("the mean", "the half-width")[i[0]],
+    )
 
 
 def check_t_interval(fn: Callable, tol: float = 1e-4) -> CheckResult:
@@ -542,9 +648,12 @@ def _block_mistake(leaf: list[nn.Module], i: int, last: bool) -> str | None:
     after = leaf[i + 1 : i + 3]
     if last:
         return BN_AFTER_LAST_LINEAR if after and is_batchnorm(after[0]) else None
+    # Both placements pass: layer -> BN -> activation (Ioffe & Szegedy) and
+    # layer -> activation -> BN; notebook 05 does not resolve a difference between them.
+    if after and _is_activation(after[0]) and len(after) == 2 and is_batchnorm(after[1]):
+        after = after[1:]
     if not after or not is_batchnorm(after[0]):
-        nxt = len(after) == 2 and _is_activation(after[0]) and is_batchnorm(after[1])
-        return BN_AFTER_ACTIVATION if nxt else BN_MISSING
+        return BN_MISSING
     bn = after[0]
     if _bn_rank(bn) != (2 if isinstance(layer, nn.Conv2d) else 1):
         return BN_WRONG_RANK
@@ -556,7 +665,8 @@ def check_lenet_bn(build: Callable | nn.Module) -> CheckResult:
     """Check LeNet with BN: ``build() -> model`` (or the model), for (N, 1, 28, 28) input.
 
     A BatchNorm of the right rank and width must follow every conv and hidden linear
-    layer, before the activation; none after the last linear layer; 10 logits out.
+    layer, before its activation or right after it (both placements pass: notebook 05
+    does not resolve a difference between them); none after the last linear layer; 10 logits out.
     """
     model = build
     if not isinstance(build, nn.Module):
@@ -638,7 +748,7 @@ def check_predict(fn: Callable, tol: float = 1e-6) -> CheckResult:
         return _fail(f"returned {type(got).__name__}, expected a tensor of logits")
     reference = _forward(_small_model(), x, train=False)
     variants = {PREDICT_TRAIN_MODE: _forward(_small_model(), x, train=True)}
-    result = _diagnose(got, reference, variants, "logits", tol, HINTS, _FALLBACK)
+    result = _diagnose(got, reference, variants, "logits", tol, HINTS, _reread("predict"))
     if not result.passed:
         return result
     for training in (True, False):
@@ -668,7 +778,16 @@ def check_keras_to_torch(fn: Callable, tol: float = 1e-12) -> CheckResult:
         EPS_CHANGED: torch.tensor([[1 - m, 1e-5] for m, e in cases], dtype=_F64),
     }
     what = "(torch_momentum, torch_eps)"
-    return _diagnose(torch.stack(rows), reference, variants, what, tol, HINTS, _FALLBACK)
+    return _diagnose(
+        torch.stack(rows),
+        reference,
+        variants,
+        what,
+        tol,
+        HINTS,
+        _reread("keras_to_torch"),
+        describe=lambda i: f"{('torch_momentum', 'torch_eps')[i[1]]} for Keras' {cases[i[0]]}",
+    )
 
 
 def _running_stats(model: nn.Module) -> Tensor:
@@ -727,7 +846,9 @@ def check_recalibrate(fn: Callable, tol: float = 1e-6) -> CheckResult:
         RECAL_NO_RESET: _recalibrated(batches, reset=False),
         RECAL_EXPONENTIAL: _recalibrated(batches, momentum=0.1),
     }
-    result = _diagnose(got, reference, variants, "running statistics", tol, HINTS, _FALLBACK)
+    result = _diagnose(
+        got, reference, variants, "running statistics", tol, HINTS, _reread("recalibrate")
+    )
     if not result.passed:
         return result
     mistake = _recal_state_mistake(model)
@@ -756,9 +877,7 @@ def _conv_bn(bias: bool) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
 
 
 def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, variant: str | None = None) -> Tensor:
-    var, eps = bn.running_var.detach(), bn.eps
-    std = {FOLD_EPS_MISSING: var.sqrt(), FOLD_VAR_NOT_STD: var + eps}.get(variant)
-    scale = bn.weight.detach() / ((var + eps).sqrt() if std is None else std)
+    scale = _bn_scale(bn, variant)
     b = torch.zeros_like(scale) if conv.bias is None else conv.bias.detach()
     b = torch.zeros_like(b) if variant == FOLD_CONV_BIAS_DROPPED else b
     mean, beta = bn.running_mean.detach(), bn.bias.detach()
@@ -770,10 +889,34 @@ def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, variant: str | None = None) -> 
     return torch.cat([weight.reshape(-1), bias])
 
 
-def _scale_shift(bn: nn.BatchNorm2d, variant: str | None = None) -> Tensor:
+def _bn_std(bn: nn.BatchNorm2d, variant: str | None) -> Tensor:
+    """sqrt(running_var + eps), or with one of the catalogue's eps mistakes."""
     var, eps = bn.running_var.detach(), bn.eps
-    std = {FOLD_EPS_MISSING: var.sqrt(), FOLD_VAR_NOT_STD: var + eps}.get(variant)
-    scale = bn.weight.detach() / ((var + eps).sqrt() if std is None else std)
+    return {
+        FOLD_EPS_MISSING: var.sqrt,
+        FOLD_VAR_NOT_STD: lambda: var + eps,
+        EPS_OUTSIDE_SQRT: lambda: var.sqrt() + eps,
+        EPS_HARD_CODED: lambda: (var + check.DEFAULT_EPS).sqrt(),
+    }.get(variant, lambda: (var + eps).sqrt())()
+
+
+def _bn_scale(bn: nn.BatchNorm2d, variant: str | None) -> Tensor:
+    gamma = torch.ones_like(bn.weight) if variant == GAMMA_MISSING else bn.weight.detach()
+    return gamma / _bn_std(bn, variant)
+
+
+#: the catalogue's mistakes in eval-mode BN's scale gamma / sqrt(running_var + eps)
+_SCALE_MISTAKES = (
+    FOLD_EPS_MISSING,
+    FOLD_VAR_NOT_STD,
+    EPS_OUTSIDE_SQRT,
+    EPS_HARD_CODED,
+    GAMMA_MISSING,
+)
+
+
+def _scale_shift(bn: nn.BatchNorm2d, variant: str | None = None) -> Tensor:
+    scale = _bn_scale(bn, variant)
     mean = bn.running_mean.detach() * (1.0 if variant == SHIFT_MEAN_NOT_SCALED else scale)
     return torch.stack([scale, bn.bias.detach() - mean])
 
@@ -787,15 +930,21 @@ def check_scale_shift(fn: Callable, tol: float = 1e-6) -> CheckResult:
     got, error = _call_results(fn, (copy.deepcopy(bn),), 2, "(scale, shift)")
     if error is not None:
         return error
-    variants = {
-        v: _scale_shift(bn, v) for v in (FOLD_EPS_MISSING, FOLD_VAR_NOT_STD, SHIFT_MEAN_NOT_SCALED)
-    }
-    return _diagnose(got, _scale_shift(bn), variants, "(scale, shift)", tol, HINTS, _FALLBACK)
+    variants = {v: _scale_shift(bn, v) for v in (*_SCALE_MISTAKES, SHIFT_MEAN_NOT_SCALED)}
+    return _diagnose(
+        got,
+        _scale_shift(bn),
+        variants,
+        "(scale, shift)",
+        tol,
+        HINTS,
+        _reread("scale_shift"),
+        labels=("scale", "shift"),
+    )
 
 
 _FOLD_MISTAKES = (
-    FOLD_EPS_MISSING,
-    FOLD_VAR_NOT_STD,
+    *_SCALE_MISTAKES,
     FOLD_CONV_BIAS_DROPPED,
     FOLD_BIAS_NOT_SCALED,
     FOLD_BIAS_SCALED_TWICE,
@@ -815,7 +964,20 @@ def _fold_case(fn: Callable, bias: bool, tol: float) -> CheckResult:
     got, _ = _results(got, 2, "(weight, bias)", flat=True)
     variants = {v: _folded(conv, bn, v) for v in _FOLD_MISTAKES}
     what = f"folded (weight, bias) of a conv {'with' if bias else 'without'} bias"
-    return _diagnose(got, _folded(conv, bn), variants, what, tol, HINTS, _FALLBACK)
+    n = conv.weight.numel()
+    per_filter = n // conv.out_channels
+
+    def describe(index: tuple[int, ...]) -> str:
+        i = index[0]
+        return (
+            f"the weight of output channel {i // per_filter}"
+            if i < n
+            else f"the bias of channel {i - n}"
+        )
+
+    return _diagnose(
+        got, _folded(conv, bn), variants, what, tol, HINTS, _reread("fold"), describe=describe
+    )
 
 
 def check_fold(fn: Callable, tol: float = 1e-6) -> CheckResult:
@@ -826,6 +988,115 @@ def check_fold(fn: Callable, tol: float = 1e-6) -> CheckResult:
     """
     results = [_fold_case(fn, bias, tol) for bias in (True, False)]
     return _first_failure(results, "folded weight and bias match, with and without conv bias")
+
+
+# 07 fusion: folding BN into the Linear after it (BN -> Linear, no padding: always exact)
+
+NEXT_SCALE_ON_OUTPUTS = "fold scales the Linear's rows (outputs) instead of its columns (inputs)"
+NEXT_SHIFT_NOT_THROUGH_WEIGHT = "fold adds BN's shift to the bias as is, not through the weight"
+NEXT_SHIFT_THROUGH_FOLDED_WEIGHT = "fold passes the shift through the scaled weight W * scale"
+NEXT_SHIFT_TRANSPOSED = "fold multiplies the shift by the transposed weight W.T"
+NEXT_BIAS_DROPPED = "fold drops the Linear's own bias"
+
+HINTS.update(
+    {
+        NEXT_SCALE_ON_OUTPUTS: "BN scales the Linear's inputs: multiply column j of W "
+        "(W[:, j], input feature j) by scale[j]",
+        NEXT_SHIFT_NOT_THROUGH_WEIGHT: "the shift is part of the Linear's input, so the "
+        "weight multiplies it: b' = b + W @ shift",
+        NEXT_SHIFT_THROUGH_FOLDED_WEIGHT: "W (scale * x + shift) = (W * scale) x + W @ shift: "
+        "the shift meets the original W",
+        NEXT_SHIFT_TRANSPOSED: "W is (out_features, in_features): W @ shift has one entry "
+        "per output",
+        NEXT_BIAS_DROPPED: "keep the Linear's bias: b' = b + W @ shift",
+    }
+)
+
+_NEXT_FALLBACK = (
+    "expand linear(scale * x + shift) term by term, with scale and shift of section 1, and "
+    "reread section 7's cell on BN before a Linear"
+)
+
+
+def _bn_linear(square: bool) -> tuple[nn.BatchNorm1d, nn.Linear]:
+    """An eval-mode float64 BatchNorm1d(4), eps 1e-3, and the Linear after it: (4 -> 4) with
+    a bias, or (4 -> 3) without one."""
+    bn = nn.BatchNorm1d(4, eps=1e-3).double().eval()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.5, 0.5, -2.0, 1.0]))
+        bn.bias.copy_(torch.tensor([0.1, -0.3, 0.2, 0.5]))
+        bn.running_mean.copy_(torch.tensor([0.4, -1.0, 2.0, 0.3]))
+        bn.running_var.copy_(torch.tensor([0.5, 4.0, 2e-4, 1.7]))  # 2e-4 ~ eps shows eps
+    with _seeded(71):
+        linear = nn.Linear(4, 4 if square else 3, bias=square).double()
+    return bn, linear
+
+
+def _folded_next(bn: nn.BatchNorm1d, linear: nn.Linear, variant: str | None = None) -> Tensor:
+    var, eps = bn.running_var.detach(), bn.eps
+    std = {FOLD_EPS_MISSING: var.sqrt(), FOLD_VAR_NOT_STD: var + eps}.get(variant)
+    scale = bn.weight.detach() / ((var + eps).sqrt() if std is None else std)
+    shift = bn.bias.detach() - bn.running_mean.detach() * scale
+    w = linear.weight.detach()
+    keep = linear.bias is not None and variant != NEXT_BIAS_DROPPED
+    b = linear.bias.detach() if keep else torch.zeros(w.shape[0], dtype=w.dtype)
+    weight = w * (scale[:, None] if variant == NEXT_SCALE_ON_OUTPUTS else scale)
+    through = {
+        NEXT_SHIFT_NOT_THROUGH_WEIGHT: lambda: shift,
+        NEXT_SHIFT_THROUGH_FOLDED_WEIGHT: lambda: (w * scale) @ shift,
+        NEXT_SHIFT_TRANSPOSED: lambda: w.T @ shift,
+    }.get(variant, lambda: w @ shift)
+    return torch.cat([weight.reshape(-1), b + through()])
+
+
+def _fold_next_case(fn: Callable, square: bool, tol: float) -> CheckResult:
+    bn, linear = _bn_linear(square)
+    got, error = _call(fn, copy.deepcopy(bn), copy.deepcopy(linear))
+    if error is not None:
+        return error
+    if not (isinstance(got, (tuple, list)) and len(got) == 2 and got[1] is not None):
+        return _fail("must return (weight, bias), a bias even when the Linear has none")
+    shapes = [tuple(torch.as_tensor(g).shape) for g in got]
+    expected = [tuple(linear.weight.shape), (linear.out_features,)]
+    if shapes != expected:
+        return _fail(f"(weight, bias) have shapes {shapes[0]} and {shapes[1]}, expected "
+                     f"{expected[0]} (out_features, in_features) and {expected[1]}")  # fmt: skip
+    flat, error = _results(got, 2, "(weight, bias)", flat=True)
+    if error is not None:
+        return error
+    # the square Linear with a bias tells every mistake apart; the (4 -> 3) one without a
+    # bias checks the shapes and the bias a Linear gains
+    mistakes = (FOLD_EPS_MISSING, FOLD_VAR_NOT_STD, NEXT_SHIFT_THROUGH_FOLDED_WEIGHT)
+    if square:
+        mistakes += (
+            NEXT_SCALE_ON_OUTPUTS,
+            NEXT_SHIFT_NOT_THROUGH_WEIGHT,
+            NEXT_SHIFT_TRANSPOSED,
+            NEXT_BIAS_DROPPED,
+        )
+    variants = {v: _folded_next(bn, linear, v) for v in mistakes}
+    reference = _folded_next(bn, linear)
+    what = f"folded (weight, bias) of a Linear({linear.in_features}, {linear.out_features}"
+    what += ")" if square else ", bias=False)"
+    result = _diagnose(flat, reference, variants, what, tol, HINTS, _NEXT_FALLBACK)
+    if result.passed or result.mistake is not None:
+        return result
+    n = linear.weight.numel()
+    parts = [p for p, s in (("weight", slice(0, n)), ("bias", slice(n, None)))
+             if check._max_diff(flat[s], reference[s]) > tol]  # fmt: skip
+    where = " and ".join(parts)
+    return CheckResult(False, None, f"{result.message} (the {where} differs)", result.max_abs_diff)
+
+
+def check_fold_into_next_linear(fn: Callable, tol: float = 1e-6) -> CheckResult:
+    """Check ``fn(bn, linear) -> (weight, bias)``: the Linear equal to eval-mode bn, then linear.
+
+    bn is an eval-mode float64 BatchNorm1d(4) (eps 1e-3, one running_var of 2e-4); linear a
+    float64 Linear(4, 4) with a bias, then a Linear(4, 3) without one (the folded Linear
+    still needs one). Returns weight (out_features, in_features) and bias (out_features,).
+    """
+    results = [_fold_next_case(fn, square, tol) for square in (True, False)]
+    return _first_failure(results, "folded weight and bias match, with and without a bias")
 
 
 # ---------------------------------------------------------------------------------
@@ -875,6 +1146,21 @@ def _zeroed(model: nn.Module, variant: str | None = None) -> Tensor:
     return torch.cat(parts).to(_F64)
 
 
+def _bn_parameter_at(model: nn.Module) -> Callable[[tuple[int, ...]], str]:
+    """Names the BN parameter at an index of :func:`_zeroed`'s flat vector."""
+
+    def describe(index: tuple[int, ...]) -> str:
+        start = 0
+        for name, bn in batchnorm_layers(model):
+            for part in ("weight", "bias"):
+                if index[0] < start + bn.num_features:
+                    return f"{name}.{part}[{index[0] - start}]"
+                start += bn.num_features
+        return f"entry {index[0]}"
+
+    return describe
+
+
 _ZERO_MISTAKES = (ZEROED_EVERY_GAMMA, ZEROED_BETA, ZEROED_FIRST_BN, ZEROED_DOWNSAMPLE_TOO)
 
 
@@ -894,7 +1180,16 @@ def check_zero_init_last_gamma(fn: Callable) -> CheckResult:
         model = returned if isinstance(returned, nn.Module) else model
         got = torch.cat([torch.cat([bn.weight, bn.bias]) for _n, bn in batchnorm_layers(model)])
         results.append(
-            _diagnose(got.detach(), reference, variants, "BN parameters", 0.0, HINTS, _FALLBACK)
+            _diagnose(
+                got.detach(),
+                reference,
+                variants,
+                "BN parameters",
+                0.0,
+                HINTS,
+                _reread("zero_init_last_gamma"),
+                describe=_bn_parameter_at(model),
+            )
         )
     return _first_failure(results, "exactly each residual block's last gamma is zero")
 
@@ -902,8 +1197,10 @@ def check_zero_init_last_gamma(fn: Callable) -> CheckResult:
 def _group_input() -> Tensor:
     g = torch.Generator().manual_seed(9)
     x = torch.randn(4, 6, 3, 3, generator=g, dtype=_F64)
-    shift = torch.tensor([0.5, -2.0, 4.0, 1.0, -0.5, 3.0], dtype=_F64)
-    scale = torch.tensor([1.0, 3.0, 0.5, 2.0, 0.7, 1.5], dtype=_F64)
+    # the last group's channels have std 0.02 and 0.03 around the same mean: its variance,
+    # about 7e-4, is close to eps = 1e-3, so where eps goes (and which eps) shows
+    shift = torch.tensor([0.5, -2.0, 4.0, 1.0, 3.0, 3.02], dtype=_F64)
+    scale = torch.tensor([1.0, 3.0, 0.5, 2.0, 0.02, 0.03], dtype=_F64)
     x = x * F.per_channel(scale, x) + F.per_channel(shift, x)
     return x + torch.arange(4, dtype=_F64).reshape(-1, 1, 1, 1)  # samples differ
 
@@ -915,9 +1212,7 @@ def _group_norm(x: Tensor, groups: int, eps: float, variant: str | None = None) 
     else:
         xg = x.reshape(n, groups, -1)
     dims = (0, 2) if variant == GN_OVER_BATCH else (2,)
-    mean = xg.mean(dim=dims, keepdim=True)
-    var = xg.var(dim=dims, keepdim=True, unbiased=variant == UNBIASED_VARIANCE)
-    out = (xg - mean) / (var + eps).sqrt()
+    out = check.standardize(xg, dims, eps, variant if variant in check.NORMALIZE_MISTAKES else None)
     if variant == GN_INTERLEAVED_GROUPS:
         return out.reshape(n, groups, c // groups, -1).transpose(1, 2).reshape(x.shape)
     return out.reshape(x.shape)
@@ -926,10 +1221,11 @@ def _group_norm(x: Tensor, groups: int, eps: float, variant: str | None = None) 
 def check_group_norm(fn: Callable, tol: float = 1e-6) -> CheckResult:
     """Check ``fn(x, groups, eps) -> out``: group norm without affine parameters.
 
-    x is (4, 6, 3, 3) float64 with 3 groups; channels and samples have different means.
-    The reference is ``torch.nn.functional.group_norm``.
+    x is (4, 6, 3, 3) float64 with 3 groups, eps 1e-3; channels and samples have
+    different means, and one group's variance is close to eps. The reference is
+    ``torch.nn.functional.group_norm``.
     """
-    x, groups, eps = _group_input(), 3, 1e-5
+    x, groups, eps = _group_input(), 3, 1e-3
     got, error = _call(fn, x.clone(), groups, eps)
     if error is not None:
         return error
@@ -938,9 +1234,10 @@ def check_group_norm(fn: Callable, tol: float = 1e-6) -> CheckResult:
     reference = torch.nn.functional.group_norm(x, groups, eps=eps)
     variants = {
         v: _group_norm(x, groups, eps, v)
-        for v in (GN_OVER_BATCH, GN_INTERLEAVED_GROUPS, UNBIASED_VARIANCE)
+        for v in (GN_OVER_BATCH, GN_INTERLEAVED_GROUPS, *check.NORMALIZE_MISTAKES)
     }
-    return _diagnose(got, reference, variants, "group norm output", tol, HINTS, _FALLBACK)
+    fallback = _reread("group_norm")
+    return _diagnose(got, reference, variants, "group norm output", tol, HINTS, fallback)
 
 
 # ---------------------------------------------------------------------------------
@@ -965,24 +1262,46 @@ class Exercise:
         return self.function
 
     def run(self, namespace: dict) -> CheckResult:
-        """Check ``namespace[self.function]``."""
-        kwargs = {key: namespace[name] for key, name in self.uses.items()}
-        return self.checker(namespace[self.function], **kwargs)
+        """Check the learner's ``my_<function>`` in ``namespace`` (a notebook's name), or
+        ``<function>`` (a solutions file's); a missing one fails and says which name."""
+        found = {}
+        for name in (self.function, *self.uses.values()):
+            found[name] = next(
+                (namespace[k] for k in (f"my_{name}", name) if namespace.get(k) is not None), None
+            )
+            if found[name] is None:
+                return _fail(f"no function my_{name} (or {name}) defined yet: write it first")
+        kwargs = {key: found[name] for key, name in self.uses.items()}
+        return self.checker(found[self.function], **kwargs)
 
 
 EXERCISES: dict[str, list[Exercise]] = {
     "01_concepts": [Exercise("batch_stats", check_batch_stats), Exercise("bn_eval", check_bn_eval)],
     "02_math": [
-        Exercise("bn_backward_dx", check_bn_backward_dx, answers=("batchnorm_backward_compact",)),
-        Exercise("identity_params", check_identity_params),
+        Exercise(
+            "bn_backward_dx",
+            check_bn_backward_dx,
+            answers=("batchnorm_backward_compact", "BatchNormFunction"),
+        ),
+        # identity_bn: the cell that sets gamma = sqrt(var + eps), beta = mean and prints them
+        Exercise("identity_params", check_identity_params, answers=("identity_bn",)),
     ],
     "03_scratch": [
-        Exercise("bn_forward", check.check_forward),
-        Exercise("bn_backward", check.check_backward, {"forward": "bn_forward"}),
+        Exercise(
+            "bn_forward",
+            check.check_forward,
+            answers=("batchnorm_forward", "learner_forward_fixed", "bn_forward"),
+        ),
+        Exercise(
+            "bn_backward",
+            check.check_backward,
+            {"forward": "bn_forward"},
+            answers=("batchnorm_backward_compact", "bn_backward", "BNFunction"),
+        ),
         Exercise(
             "running_stats_step",
             check.check_running_stats,
-            answers=("update_running_stats", "learner_forward_fixed"),
+            answers=("update_running_stats", "update_running"),
         ),
     ],
     "04_numba_kernels": [
@@ -991,17 +1310,22 @@ EXERCISES: dict[str, list[Exercise]] = {
         Exercise("train_forward_bytes", check_train_forward_bytes),
     ],
     "05_lenet": [
-        Exercise("t_interval", check_t_interval),
-        Exercise("lenet_with_bn", check_lenet_bn),
+        Exercise("t_interval", check_t_interval, answers=("mean_and_interval",)),
+        Exercise("lenet_with_bn", check_lenet_bn, answers=("lenet",)),
     ],
     "06_pitfalls": [
         Exercise("predict", check_predict),
-        Exercise("keras_to_torch", check_keras_to_torch),
-        Exercise("recalibrate", check_recalibrate),
+        Exercise("keras_to_torch", check_keras_to_torch, answers=("convert_momentum",)),
+        Exercise("recalibrate", check_recalibrate, answers=("recalibrate_bn",)),
     ],
     "07_fusion": [
         Exercise("scale_shift", check_scale_shift, answers=("bn_scale_shift",)),
         Exercise("fold", check_fold, answers=("fold_bn",)),
+        Exercise(
+            "fold_into_next_linear",
+            check_fold_into_next_linear,
+            answers=("fold_bn_into_next_conv",),
+        ),
     ],
     "08_claims": [
         Exercise(
@@ -1102,13 +1426,26 @@ def check_merge_replica_stats(fn: Callable, tol: float = 1e-6) -> CheckResult:
         )
     }
     reference = _merged_replicas(stats)
-    return _diagnose(got, reference, variants, "(mean, var)", tol, HINTS, _FALLBACK)
+    return _diagnose(
+        got,
+        reference,
+        variants,
+        "the global (mean, var)",
+        tol,
+        HINTS,
+        _reread("merge_replica_stats"),
+        labels=("mean", "var"),
+    )
 
 
 def _ghost_input() -> Tensor:
+    """(10, 3, 2, 2) float64 whose mean drifts along the batch (so the chunks show), with
+    channel 2 at std about 0.03: its variance is close to the check's eps of 1e-3."""
     g = torch.Generator().manual_seed(11)
     x = torch.randn(10, 3, 2, 2, generator=g, dtype=_F64)
-    return x * 2 + torch.arange(10, dtype=_F64).reshape(-1, 1, 1, 1)  # the batch drifts along N
+    drift = torch.arange(10, dtype=_F64).reshape(-1, 1, 1, 1)
+    scale = torch.tensor([2.0, 1.0, 0.01], dtype=_F64).reshape(1, -1, 1, 1)
+    return (x * 2 + drift) * scale
 
 
 def _ghost_bn(x: Tensor, size: int, eps: float, variant: str | None = None) -> Tensor:
@@ -1122,10 +1459,9 @@ def _ghost_bn(x: Tensor, size: int, eps: float, variant: str | None = None) -> T
     out = torch.empty_like(x)
     for idx in chunks:
         part = x[idx]
-        dims = F.reduce_dims(part)
-        mean = part.mean(dim=dims, keepdim=True)
-        var = part.var(dim=dims, keepdim=True, unbiased=variant == UNBIASED_VARIANCE)
-        out[idx] = (part - mean) / (var + eps).sqrt()
+        dims = check.wrong_axes(part).get(variant, F.reduce_dims(part))
+        mistake = variant if variant in check.NORMALIZE_MISTAKES else None
+        out[idx] = check.standardize(part, dims, eps, mistake)
     return out
 
 
@@ -1134,10 +1470,10 @@ def check_ghost_bn(fn: Callable, tol: float = 1e-6) -> CheckResult:
     gamma and beta (Hoffer et al. 2017).
 
     x is (10, 3, 2, 2) float64 whose mean drifts along the batch; virtual batches of 4, so
-    the chunks are 4, 4 and 2 examples. The reference is ``torch.nn.functional.batch_norm``
-    on each chunk.
+    the chunks are 4, 4 and 2 examples; eps is 1e-3 and one channel's variance close to it.
+    The reference is ``torch.nn.functional.batch_norm`` on each chunk.
     """
-    x, size, eps = _ghost_input(), 4, 1e-5
+    x, size, eps = _ghost_input(), 4, 1e-3
     got, error = _call(fn, x.clone(), size, eps)
     if error is not None:
         return error
@@ -1149,13 +1485,10 @@ def check_ghost_bn(fn: Callable, tol: float = 1e-6) -> CheckResult:
             for c in x.split(size)
         ]
     )
-    variants = {
-        v: _ghost_bn(x, size, eps, v)
-        for v in (GHOST_WHOLE_BATCH, GHOST_INTERLEAVED, UNBIASED_VARIANCE)
-    }
-    return _diagnose(
-        got.detach().to(_F64), reference, variants, "ghost BN output", tol, HINTS, _FALLBACK
-    )
+    mistakes = (GHOST_WHOLE_BATCH, GHOST_INTERLEAVED, *check.NORMALIZE_MISTAKES, AXES_ALL)
+    variants = {v: _ghost_bn(x, size, eps, v) for v in (*mistakes, AXES_PER_SAMPLE)}
+    fallback = _reread("ghost_bn")
+    return _diagnose(got.detach(), reference, variants, "ghost BN output", tol, HINTS, fallback)
 
 
 EXERCISES["09_distributed"] = [

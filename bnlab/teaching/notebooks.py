@@ -259,12 +259,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=["normalize", "trust", "check", "reading-time"])
     parser.add_argument("paths", nargs="*", type=Path, help="default: the course notebooks")
     parser.add_argument("--all", action="store_true", help="trust: sign edited notebooks too")
+    parser.add_argument(
+        "--readme", action="store_true", help="reading-time: write the minutes into README.md"
+    )
     args = parser.parse_intermixed_args(argv)  # `trust --all A B`: paths after the flag
     paths = args.paths or course_notebooks()
     if args.action == "reading-time":
         from bnlab.teaching import path as learner_path
 
-        print(learner_path.format_reading_table(learner_path.reading_table(paths)))
+        rows = learner_path.reading_table(paths)
+        print(learner_path.format_reading_table(rows))
+        if args.readme:
+            readme = ROOT / "README.md"
+            readme.write_text(learner_path.course_map(readme.read_text(), rows))
         return 0
     if args.action == "trust":
         signed = trust(paths, committed_only=not args.all)

@@ -245,3 +245,35 @@ def answers_shown_early(nb: dict, exercises: list) -> list[str]:
                     )
                     break
     return found
+
+
+# --------------------------------------------------------------------------------------
+# The README's course map shows each notebook's minutes
+# --------------------------------------------------------------------------------------
+
+COURSE_MAP = re.compile(r"(<!-- course-map -->\n)(.*?)(<!-- /course-map -->)", re.S)
+MAP_HEADER = "| notebook | main path | deep dive | what you learn |\n| --- | --- | --- | --- |\n"
+MAP_ROW = re.compile(r"^\| `(\d\d_\w+)` \|(?: [^|]* \| [^|]* \|)? (.*) \|$", re.M)
+
+
+def _minutes(value: float) -> str:
+    return f"{value:.0f} min" if value >= 0.5 else "—"
+
+
+def course_map(readme: str, rows: list[tuple[str, float, float]]) -> str:
+    """The README with its course map's minute columns set from ``rows`` (reading_table's)."""
+    found = COURSE_MAP.search(readme)
+    if not found:
+        raise ValueError("the README has no <!-- course-map --> block")
+    minutes = {stem: (main, deep) for stem, main, deep in rows}
+    lines = []
+    for stem, what in MAP_ROW.findall(found.group(2)):
+        if stem not in minutes:
+            raise ValueError(f"the course map lists {stem}, which is not a course notebook")
+        main, deep = minutes[stem]
+        lines.append(f"| `{stem}` | {_minutes(main)} | {_minutes(deep)} | {what} |\n")
+    missing = sorted(set(minutes) - {stem for stem, _ in MAP_ROW.findall(found.group(2))})
+    if missing:
+        raise ValueError(f"the course map has no row for {', '.join(missing)}: add one by hand")
+    table = MAP_HEADER + "".join(lines)
+    return readme[: found.start(2)] + table + readme[found.end(2) :]

@@ -11,7 +11,7 @@ from bnlab.nn import modules
 from bnlab.teaching import check
 
 
-def forward_with(dims=None, unbiased=False, eps_mode="inside"):
+def forward_with(dims=None, unbiased=False, eps_mode="inside", affine="both"):
     """A learner-style forward (returns out, cache) with one mistake chosen."""
 
     def fn(x, gamma, beta, eps):
@@ -22,9 +22,11 @@ def forward_with(dims=None, unbiased=False, eps_mode="inside"):
             "inside": lambda: torch.sqrt(var + eps),
             "outside": lambda: torch.sqrt(var) + eps,
             "none": lambda: torch.sqrt(var),
+            "1e-5": lambda: torch.sqrt(var + 1e-5),
         }[eps_mode]()
-        out = F.per_channel(gamma, x) * (x - mean) / std + F.per_channel(beta, x)
-        return out, None
+        g = 1.0 if affine == "beta only" else F.per_channel(gamma, x)
+        b = 0.0 if affine == "gamma only" else F.per_channel(beta, x)
+        return g * (x - mean) / std + b, None
 
     return fn
 
@@ -36,6 +38,9 @@ FORWARD_MISTAKES = {
     check.AXES_PER_SAMPLE: forward_with(dims=(2, 3)),
     check.EPS_OUTSIDE_SQRT: forward_with(eps_mode="outside"),
     check.EPS_MISSING: forward_with(eps_mode="none"),
+    check.EPS_HARD_CODED: forward_with(eps_mode="1e-5"),
+    check.GAMMA_MISSING: forward_with(affine="beta only"),
+    check.BETA_MISSING: forward_with(affine="gamma only"),
 }
 
 
@@ -203,3 +208,71 @@ def test_random_wrong_step_and_bad_modules():
         check.check_running_stats(nn.BatchNorm1d(3, momentum=None))
     with pytest.raises(ValueError, match="ndim"):
         check.check_forward(F.batchnorm_forward, ndim=3)
+
+
+def test_the_2d_forward_names_per_sample_axes_too():
+    """(N, C) input normalized per sample is layer norm: named, as for 4-D input."""
+    assert check.check_forward(forward_with(dims=(1,)), ndim=2).mistake == check.AXES_PER_SAMPLE
+
+
+def with_dparams(change):
+    def fn(dout, cache):
+        dx, dgamma, dbeta = F.batchnorm_backward_compact(dout, cache)
+        return change(dout, cache, dx, dgamma, dbeta)
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    "change, mistake",
+    [
+        (lambda d, c, dx, dg, db: (dx, dg, db / (d.numel() / 3)), check.DPARAMS_AVERAGED),
+        (lambda d, c, dx, dg, db: (dx, dg / (d.numel() / 3), db), check.DPARAMS_AVERAGED),
+        (lambda d, c, dx, dg, db: (dx, db, db), check.DGAMMA_WITHOUT_XHAT),
+        (lambda d, c, dx, dg, db: (dx, dg, d.sum(dim=0)), check.AXES_BATCH_ONLY),
+        (lambda d, c, dx, dg, db: (dx / c[1], dg, db), check.GAMMA_MISSING),
+    ],
+)
+def test_dgamma_dbeta_and_a_dropped_gamma_in_dx_are_named(change, mistake):
+    result = check.check_backward(with_dparams(change))
+    assert not result.passed and result.mistake == mistake, result
+
+
+def test_the_fallbacks_of_the_backward_and_the_running_stats_name_their_own_section():
+    """A wrong dbeta or running statistic is not sent to the forward's formula."""
+    result = check.check_backward(with_dparams(lambda d, c, dx, dg, db: (dx, dg, db * 2 + 1)))
+    assert result.mistake is None and "dbeta differs" in result.message
+    assert "differs most at channel" in result.message and "batchnorm_forward" not in result.message
+
+    def noisy(x, running_mean, running_var, momentum):
+        torch_style_step(x, running_mean, running_var, momentum)
+        running_var[2] += 0.5
+
+    result = check.check_running_stats(noisy)
+    assert result.mistake is None and "batchnorm_forward" not in result.message
+    assert "running_var, channel 2" in result.message and check.RUNNING_SECTION in result.message
+
+
+def test_rebinding_the_buffers_is_named_not_a_missing_update():
+    def rebinds(x, running_mean, running_var, momentum):
+        m = x.shape[0]
+        running_mean = (1 - momentum) * running_mean + momentum * x.mean(0)
+        running_var = (1 - momentum) * running_var + momentum * x.var(0) * m / (m - 1)
+        return running_mean, running_var
+
+    result = check.check_running_stats(rebinds)
+    assert result.mistake == check.RUNNING_REBOUND and "in place" in result.message
+    assert check.check_running_stats(step_variant("missing")).mistake == (
+        check.MISSING_RUNNING_UPDATE
+    )
+
+
+def test_a_float32_forward_passes_and_a_float32_mistake_is_named():
+    def forward32(x, gamma, beta, eps):
+        return F.batchnorm_forward(x.float(), gamma.float(), beta.float(), eps)
+
+    result = check.check_forward(forward32)
+    assert result.passed and "float32" in result.message
+    wrong = FORWARD_MISTAKES[check.UNBIASED_VARIANCE]
+    result = check.check_forward(lambda x, g, b, e: wrong(x.float(), g.float(), b.float(), e))
+    assert result.mistake == check.UNBIASED_VARIANCE

@@ -123,3 +123,22 @@ def test_no_notebook_shows_an_answer_before_its_exercise(nb_path):
         json.loads(nb_path.read_text()), exercises.EXERCISES.get(nb_path.stem, [])
     )
     assert not found, "\n".join(found)
+
+
+def test_the_course_map_shows_each_notebooks_minutes():
+    readme = (ROOT / "README.md").read_text()
+    rows = path.reading_table(course_notebooks())
+    assert path.course_map(readme, rows) == readme, (
+        "the README's course map minutes are stale: "
+        "python -m bnlab.teaching.notebooks reading-time --readme"
+    )
+
+
+def test_the_course_map_writer_sets_minutes_and_refuses_a_missing_row():
+    table = "| notebook | what |\n| --- | --- |\n| `01_a` | goals |\n"
+    readme = f"x\n<!-- course-map -->\n{table}<!-- /course-map -->\n"
+    out = path.course_map(readme, [("01_a", 12.4, 0.2)])
+    assert "| `01_a` | 12 min | — | goals |" in out
+    assert path.course_map(out, [("01_a", 12.4, 0.2)]) == out
+    with pytest.raises(ValueError, match="no row for 02_b"):
+        path.course_map(readme, [("01_a", 1, 0), ("02_b", 1, 0)])
