@@ -26,6 +26,7 @@ Serves every notebook (`make test`).
 from __future__ import annotations
 
 import html
+import json
 import re
 import subprocess
 import sys
@@ -108,10 +109,31 @@ def progress_text(state: dict[str, dict], model_id: str) -> str | None:
     return f"{html.unescape(left.get('value', ''))}|{cells}|{html.unescape(right.get('value', ''))}"
 
 
+def _shown_models(nb: dict, state: dict[str, dict]) -> set[str]:
+    """The saved models an output shows, with every model they reference (children, layouts)."""
+    todo = [
+        output["data"][WIDGET_VIEW]["model_id"]
+        for cell in nb.get("cells", [])
+        for output in cell.get("outputs", [])
+        if WIDGET_VIEW in output.get("data", {})
+    ]
+    shown: set[str] = set()
+    while todo:
+        model_id = todo.pop()
+        if model_id in shown or model_id not in state:
+            continue
+        shown.add(model_id)
+        todo.extend(re.findall(r"IPY_MODEL_([\w-]+)", json.dumps(state[model_id])))
+    return shown
+
+
 def normalize(nb: dict) -> dict:
-    """Store the installed ipykernel's metadata and finished progress-bar text, in place."""
+    """Store the installed ipykernel's metadata and finished progress-bar text, and drop the
+    saved widget models no output shows (a kernel saves every model it ever made), in place."""
     nb.setdefault("metadata", {}).update(expected_metadata())
     state = widget_state(nb)
+    for model_id in set(state) - _shown_models(nb, state):
+        del state[model_id]
     for cell in nb.get("cells", []):
         for output in cell.get("outputs", []):
             view = output.get("data", {}).get(WIDGET_VIEW)

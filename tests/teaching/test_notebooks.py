@@ -222,3 +222,16 @@ def test_a_bar_saved_hidden_is_caught():
     assert notebooks.output_problems(nb) == ["progress bar box stored hidden (tqdm leave=False)"]
     notebooks.widget_state(nb)["lay"]["state"]["visibility"] = None
     assert notebooks.output_problems(nb) == []
+
+
+def test_normalize_drops_saved_widget_models_that_no_output_shows():
+    view = nbformat.v4.new_output(
+        "display_data",
+        {notebooks.WIDGET_VIEW: {"model_id": "box"}, "text/plain": "epochs:   0%|  | 0/3"},
+    )
+    state = tqdm_state(3, 3)
+    shown = set(state)
+    state["orphan"] = {"model_name": "FloatProgressModel", "state": {"value": 1, "max": 1}}
+    nb = notebooks.normalize(notebook(view, state=state))
+    assert set(notebooks.widget_state(nb)) == shown  # the bar and the models it references
+    assert notebooks.output_problems(nb) == []
