@@ -951,17 +951,31 @@ _FOLD_MISTAKES = (
 )
 
 
+def _weight_and_bias(got, layer: nn.Module, kind: str, layout: str):
+    """A fold's answer, (weight, bias) shaped as ``layer``'s, as one flat tensor, or the error.
+
+    The folded layer always needs a bias, even when ``layer`` (a ``kind``) has none.
+    """
+    if not (isinstance(got, (tuple, list)) and len(got) == 2 and got[1] is not None):
+        return None, _fail(f"must return (weight, bias), a bias even when the {kind} has none")
+    shapes = [tuple(torch.as_tensor(g).shape) for g in got]
+    expected = [tuple(layer.weight.shape), (layer.weight.shape[0],)]
+    if shapes != expected:
+        return None, _fail(
+            f"(weight, bias) have shapes {shapes[0]} and {shapes[1]}, expected "
+            f"{expected[0]} {layout} and {expected[1]}"
+        )
+    return _results(got, 2, "(weight, bias)", flat=True)
+
+
 def _fold_case(fn: Callable, bias: bool, tol: float) -> CheckResult:
     conv, bn = _conv_bn(bias)
     got, error = _call(fn, copy.deepcopy(conv), copy.deepcopy(bn))
     if error is not None:
         return error
-    if not (isinstance(got, (tuple, list)) and len(got) == 2 and got[1] is not None):
-        return _fail("must return (weight, bias), a bias even when the conv has none")
-    shapes = [tuple(torch.as_tensor(g).shape) for g in got]
-    if shapes != [tuple(conv.weight.shape), (conv.out_channels,)]:
-        return _fail(f"(weight, bias) have shapes {shapes}, expected {tuple(conv.weight.shape)}")
-    got, _ = _results(got, 2, "(weight, bias)", flat=True)
+    got, error = _weight_and_bias(got, conv, "conv", "(out_channels, in_channels, kH, kW)")
+    if error is not None:
+        return error
     variants = {v: _folded(conv, bn, v) for v in _FOLD_MISTAKES}
     what = f"folded (weight, bias) of a conv {'with' if bias else 'without'} bias"
     n = conv.weight.numel()
@@ -1054,14 +1068,7 @@ def _fold_next_case(fn: Callable, square: bool, tol: float) -> CheckResult:
     got, error = _call(fn, copy.deepcopy(bn), copy.deepcopy(linear))
     if error is not None:
         return error
-    if not (isinstance(got, (tuple, list)) and len(got) == 2 and got[1] is not None):
-        return _fail("must return (weight, bias), a bias even when the Linear has none")
-    shapes = [tuple(torch.as_tensor(g).shape) for g in got]
-    expected = [tuple(linear.weight.shape), (linear.out_features,)]
-    if shapes != expected:
-        return _fail(f"(weight, bias) have shapes {shapes[0]} and {shapes[1]}, expected "
-                     f"{expected[0]} (out_features, in_features) and {expected[1]}")  # fmt: skip
-    flat, error = _results(got, 2, "(weight, bias)", flat=True)
+    flat, error = _weight_and_bias(got, linear, "Linear", "(out_features, in_features)")
     if error is not None:
         return error
     # the square Linear with a bias tells every mistake apart; the (4 -> 3) one without a

@@ -7,10 +7,12 @@ notebook's code cells may not
 
 - define a function or class, unless the definition *is* the lesson: a learner's attempt,
   a deliberately broken version, code quoted from elsewhere to be tested, a model built to
-  make a point. Those are listed in :data:`LESSON_DEFINITIONS` with the reason, or, under a
-  notebook's closing ``## Exercises`` heading, named ``learner_*`` (a worked wrong attempt
-  for a checker of :mod:`bnlab.teaching.exercises`) or ``my_*`` (the learner's stub); the
-  markdown cell right above the code must name them (in backticks), so the reader is told;
+  make a point. Those are listed in :data:`LESSON_DEFINITIONS` with the reason; the
+  learner's stub ``my_<function>`` of one of the notebook's exercises
+  (:data:`bnlab.teaching.exercises.EXERCISES`) may stand anywhere, where the notebook asks
+  for it (try first); under a notebook's closing ``## Exercises`` heading, any ``learner_*``
+  (a worked wrong attempt for a checker) or ``my_*`` may. The markdown cell right above the
+  code must name each definition (in backticks), so the reader is told;
 - call ``.step(`` (an optimizer step: training is ``bnlab.train``'s);
 - register forward hooks, or walk a model with ``.modules()``, ``.named_modules()`` or
   ``.children()`` (that is ``bnlab.nn.hooks``).
@@ -27,14 +29,9 @@ import re
 # notebook stem -> {name it defines: why the definition is the lesson itself}
 LESSON_DEFINITIONS: dict[str, dict[str, str]] = {
     "02_math": {
-        "my_bn_backward_dx": "the learner's stub, where the backward is derived (try first)",
-        "my_identity_params": "the learner's stub, where the identity's parameters are asked",
         "learner_identity_params": "a learner's wrong attempt, for the checker",
     },
     "03_scratch": {
-        "my_bn_forward": "the learner's stub, before the reference forward is shown (try first)",
-        "my_bn_backward": "the learner's stub, before the reference backward is shown",
-        "my_running_stats_step": "the learner's stub, before the running-statistics update",
         "learner_forward": "a learner's attempt with two classic mistakes, for the checker",
         "learner_forward_2": "a learner's second attempt, one mistake left",
         "learner_forward_fixed": "the learner's corrected forward",
@@ -42,25 +39,14 @@ LESSON_DEFINITIONS: dict[str, dict[str, str]] = {
     },
     "04_numba_kernels": {
         "tree_steps": "the kernels' tree loop on a Python list, counting its barrier steps",
-        "my_merge": "the learner's stub, before bnlab's merge_moments is shown (try first)",
         "learner_merge": "a learner's wrong attempt, for the checker",
-        "my_welford_update": "the learner's stub, before the kernels' thread_welford is shown",
     },
     "05_lenet": {
-        "my_lenet_with_bn": "the learner's stub, before bnlab's lenet is shown (try first)",
         "learner_t_interval": "a learner's wrong attempt, for the checker",
-        "my_t_interval": "the learner's stub, before bnlab's mean_and_interval is shown",
     },
     "06_pitfalls": {
         "d2l_batch_norm": "Dive into Deep Learning's code, quoted to measure its mode bug",
         "D2LBatchNorm2d": "d2l's layer around that code, quoted with it",
-        "my_predict": "the learner's stub, at the pitfall it fixes (try first)",
-        "my_keras_to_torch": "the learner's stub, before bnlab's convert_momentum is shown",
-        "my_recalibrate": "the learner's stub, before bnlab's recalibrate_bn is used",
-    },
-    "09_distributed": {
-        "my_merge_replica_stats": "the learner's stub, before bnlab's global_moments is shown",
-        "my_ghost_bn": "the learner's stub, before GhostBatchNorm2d's forward is shown",
     },
     "10_errata": {
         "scratch_bn": "a post's from-scratch BN function, re-expressed to measure what it does",
@@ -70,10 +56,7 @@ LESSON_DEFINITIONS: dict[str, dict[str, str]] = {
     "07_fusion": {
         "Branchy": "a model written to be untraceable by torch.fx",
         "Shared": "a model whose conv module is called twice, which fx's fuse gets wrong",
-        "my_scale_shift": "the learner's stub, before bnlab's bn_scale_shift is shown (try first)",
-        "my_fold": "the learner's stub, before bnlab's fold_bn is shown (try first)",
         "learner_fold": "a learner's wrong attempt, for the checker",
-        "my_fold_into_next_linear": "the learner's stub, before fold_bn_into_next_conv is shown",
     },
 }
 
@@ -137,7 +120,12 @@ def _definition_problems(cells: list[dict], index: int, allowed: dict[str, str])
 
 def code_problems(nb: dict, stem: str) -> list[str]:
     """Where notebook ``stem``'s code re-implements bnlab, one message per breach."""
-    allowed = LESSON_DEFINITIONS.get(stem, {})
+    from bnlab.teaching.exercises import EXERCISES  # torch: imported only when checking
+
+    stubs = {
+        f"my_{e.function}": "the learner's stub of an exercise" for e in EXERCISES.get(stem, [])
+    }
+    allowed = {**stubs, **LESSON_DEFINITIONS.get(stem, {})}
     cells = nb["cells"]
     problems = []
     for index, cell in enumerate(cells):

@@ -143,12 +143,12 @@ def normalize(nb: dict) -> dict:
     return nb
 
 
-def _texts(output: dict) -> list[str]:
-    """Every text a reader can see in one output (stream text, text/plain, text/html)."""
+def output_texts(output: dict) -> list[str]:
+    """Every text a reader can see in one output: stream text and each text/* form."""
     if output.get("output_type") == "stream":
         return ["".join(output.get("text", ""))]
     data = output.get("data", {})
-    return ["".join(data[m]) for m in ("text/plain", "text/html", "text/markdown") if m in data]
+    return ["".join(value) for mime, value in data.items() if mime.startswith("text/")]
 
 
 def output_problems(nb: dict) -> list[str]:
@@ -178,7 +178,7 @@ def _one_output_problems(output: dict, state: dict[str, dict]) -> list[str]:
         found.append(f"error output {output.get('ename')}")
     if output.get("name") == "stderr":
         found.append(f"stderr output {''.join(output.get('text', ''))[:120]!r}")
-    for text in _texts(output):
+    for text in output_texts(output):
         found += _noise(text)
     view = output.get("data", {}).get(WIDGET_VIEW)
     if view and view["model_id"] not in state:

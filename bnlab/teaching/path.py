@@ -29,6 +29,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from bnlab.teaching.notebooks import output_texts
+
 MAIN_PATH_MINUTES = 40
 COURSE_MINUTES = 300
 WORDS_PER_MINUTE = 200
@@ -185,11 +187,7 @@ def notebook_texts(nb: dict) -> list[tuple[str, str]]:
     for index, cell in enumerate(nb["cells"]):
         texts.append((f"cell {index}", _text(cell["source"])))
         for output in cell.get("outputs", []):
-            if "text" in output:
-                texts.append((f"cell {index} output", _text(output["text"])))
-            for mime, value in output.get("data", {}).items():
-                if mime.startswith("text/"):
-                    texts.append((f"cell {index} output", _text(value)))
+            texts += [(f"cell {index} output", text) for text in output_texts(output)]
     return texts
 
 
@@ -202,11 +200,7 @@ def _shown_names(cell: dict) -> str:
     """The text of a cell in which a shown function would appear: its code and outputs."""
     parts = [_text(cell["source"])]
     for output in cell.get("outputs", []):
-        if "text" in output:
-            parts.append(_text(output["text"]))
-        for mime, value in output.get("data", {}).items():
-            if mime.startswith("text/"):
-                parts.append(_text(value))
+        parts += output_texts(output)
     return "\n".join(parts)
 
 

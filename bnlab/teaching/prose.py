@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bnlab.teaching import results
-from bnlab.teaching.notebooks import course_notebooks
+from bnlab.teaching.notebooks import course_notebooks, output_texts
 
 # Numbers that are not measurements: the figure, and why it may stand in prose.
 CONSTANTS: dict[str, str] = {
@@ -138,15 +138,7 @@ class Evidence:
 
 
 def _output_texts(nb: dict) -> list[str]:
-    texts = []
-    for cell in nb["cells"]:
-        for output in cell.get("outputs", []):
-            if "text" in output:
-                texts.append("".join(output["text"]))
-            for mime, value in output.get("data", {}).items():
-                if mime.startswith("text/"):
-                    texts.append("".join(value))
-    return texts
+    return [t for cell in nb["cells"] for o in cell.get("outputs", []) for t in output_texts(o)]
 
 
 def store_evidence(store: dict | None = None) -> Evidence:

@@ -67,3 +67,10 @@ def test_exercise_attempts_and_stubs_need_no_listing_but_must_be_named():
     assert "does not name `my_fn`" in notebook_code.code_problems(silent, "99_x")[0]
     assert "'my_fn'" in notebook_code.code_problems(outside, "99_x")[0]
     assert "'helper'" in notebook_code.code_problems(other, "99_x")[0]
+
+
+def test_an_exercise_stub_may_stand_where_the_exercise_is_asked():
+    stub = "def my_merge(a, b):\n    raise NotImplementedError"
+    told = _nb(("md", "Write `my_merge`:"), ("code", stub))
+    assert notebook_code.code_problems(told, "04_numba_kernels") == []  # 04's merge exercise
+    assert "'my_merge'" in notebook_code.code_problems(told, "05_lenet")[0]  # not 05's

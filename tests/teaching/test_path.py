@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,21 @@ def test_the_course_map_writer_sets_minutes_and_refuses_a_missing_row():
     assert path.course_map(out, [("01_a", 12.4, 0.2)]) == out
     with pytest.raises(ValueError, match="no row for 02_b"):
         path.course_map(readme, [("01_a", 1, 0), ("02_b", 1, 0)])
+
+
+STATED = re.compile(r"(?:about|约)\s*(\d+)\s*(?:minutes|分钟)")
+
+
+@pytest.mark.parametrize(
+    "nb_path", [p for p in course_notebooks() if path.is_teaching(p)], ids=lambda p: p.stem
+)
+def test_each_notebook_states_its_measured_main_path_time(nb_path):
+    nb = json.loads(nb_path.read_text())
+    measured = path.reading_minutes(nb)[0].total
+    head = "".join(path._text(c["source"]) for c in nb["cells"][:2])  # intro and 本节内容
+    stated = [int(n) for n in STATED.findall(head)]
+    assert len(stated) == 2, f"the intro and 本节内容 each state the main path's minutes: {stated}"
+    assert all(abs(n - measured) <= 2 for n in stated), (
+        f"stated {stated} minutes, measured {measured:.0f}: python -m bnlab.teaching.notebooks "
+        "reading-time"
+    )
