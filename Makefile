@@ -106,6 +106,48 @@ chromium:
 				"--configure -a finishes what dpkg began; or install it: sudo apt install chromium"; \
 			exit 1; }; }
 
+# The course as a website in build/site (website/build.py): the committed notebooks as they
+# were last run (never executed here), the glossary, the bad-inputs catalogue, the course map
+# as the home page; Sphinx with MyST-NB, warnings as errors. MathJax and the widget manager
+# come from npm once, into build/site-vendor; after that the build and the site are offline.
+# Rebuilt when its sources change. Open build/site/index.html, or serve the folder.
+.PHONY: site test-site cjk-fonts
+SITE_SOURCES := $(NOTEBOOKS) docs/glossary.md docs/bad-inputs.md README.md \
+	bnlab/teaching/path.py $(wildcard website/*.py website/_static/*)
+site: build/site/.built
+
+build/site/.built: $(SITE_SOURCES) $(VENV)/.site-installed
+	$(PY) website/build.py vendor
+	$(PY) website/build.py stage
+	$(PY) website/build.py html
+
+$(VENV)/.site-installed: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[site]"
+	touch $@
+
+# The built site in Debian's headless Chromium, served on a local port, every request
+# leaving it failed: tests/site/test_site.py. Screenshots go to build/site-shots/.
+test-site: site chromium cjk-fonts
+	$(PY) -m pytest -q tests/site
+
+# Debian's Noto CJK fonts, so that Chromium draws the 中文 text as glyphs, not boxes; apt-get
+# bounded as for chromium above.
+cjk-fonts:
+	@fc-list :lang=zh family 2>/dev/null | grep -q . || { \
+		test -n "$(IS_ROOT)" && command -v apt-get >/dev/null || { \
+			echo "error: no CJK font; install Debian's: sudo apt install fonts-noto-cjk"; \
+			exit 1; }; \
+		echo "installing Debian's fonts-noto-cjk with apt-get ..."; \
+		end=$$(( $$(date +%s) + $(APT_TIMEOUT) )); \
+		apt_get() { left=$$(( end - $$(date +%s) )); test $$left -gt 0 && \
+			DEBIAN_FRONTEND=noninteractive timeout -k 10 $$left \
+			apt-get -o DPkg::Lock::Timeout=60 "$$@" >/dev/null; }; \
+		apt_get install -y -qq --no-install-recommends fonts-noto-cjk \
+			|| { apt_get update -qq && apt_get install -y -qq --no-install-recommends fonts-noto-cjk; } || { \
+			echo "error: apt-get did not install fonts-noto-cjk: it failed (see above) or ran out" \
+				"of its $(APT_TIMEOUT) s (APT_TIMEOUT); or install it: sudo apt install fonts-noto-cjk"; \
+			exit 1; }; }
+
 # Re-execute every notebook in full mode, then store the metadata the installed ipykernel
 # writes and finished progress bars, and sign the results as trusted. A notebook's figures
 # wait in a pending file and reach the results store together once it ran without error;

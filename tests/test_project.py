@@ -27,7 +27,7 @@ def requirement(spec: str) -> tuple[str, str]:
 def pyproject_requirements() -> dict[str, str]:
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = meta["optional-dependencies"]
-    specs = meta["dependencies"] + extras["course"] + extras["dev"]
+    specs = meta["dependencies"] + extras["course"] + extras["dev"] + extras["site"]
     return dict(requirement(s) for s in specs)
 
 
@@ -80,6 +80,8 @@ def test_makefile_has_every_target():
         "lab",
         "test",
         "test-browser",
+        "site",
+        "test-site",
         "notebooks",
         "bench",
         "lint",

@@ -6,27 +6,34 @@ For each benchmark shape (float32; the last one also in channels_last memory for
    ``backend="cuda"``) against ``torch.nn.functional.batch_norm`` in training mode, on the
    same inputs: the output, dx, dgamma, dbeta, the updated running statistics, and the
    eval-mode output with those statistics (:func:`check_against_torch`);
-2. **timing**: torch (cuDNN or its native kernel) and the bnlab kernel, interleaved
-   (:func:`bnlab.bench.timing.measure_interleaved`, ``torch.cuda.synchronize`` after every
-   call), in three modes: "train fwd", "train fwd+bwd" and "eval" (running statistics, no
-   grad) (:func:`measure_shape`), as one case dict per (mode, implementation)
-   (:func:`build_cases`);
+2. **timing** on the GPU's own clock: every call between two CUDA events, after a flush of the L2
+   cache (a write of a buffer twice the L2's size, outside the events), so that no call
+   finds its input in cache from the previous one; torch (cuDNN or its native kernel) and
+   the bnlab kernel interleaved, in alternating order (:func:`time_interleaved`), in three
+   modes: "train fwd", "train fwd+bwd" and "eval" (running statistics, no grad)
+   (:func:`measure_shape`), as one case dict per (mode, implementation)
+   (:func:`build_cases`). The goal shape is timed first; shapes past the time budget
+   (``--budget-s``, 240 s by default) are listed as skipped, so the script stays under 5 minutes;
 3. **goals** at (64, 256, 56, 56), contiguous: forward+backward at >= 0.9x torch's speed and
    at >= 75% of the device's peak memory bandwidth (:func:`compute_goals`).
 
 Bandwidth counts the minimum full-tensor passes of each mode: train fwd 3 (read x for the
 statistics, read x, write y), train fwd+bwd 8 (those 3, then read dy and x for the two
-reductions, read dy and x and write dx), eval 2 (read x, write y); the peak is
-2 x memory clock x bus width (:func:`gpu_peak_bandwidth`).
+reductions, read dy and x and write dx), eval 2 (read x, write y): at the goal shape x is
+205 MB, about four times an H100's 50 MB L2, so no pass can be served from cache. The peak is
+2 x memory clock x bus width from the device's attributes, or the vendor's figure for a
+known device name (:data:`HBM_PEAK_GBPS`) where the attributes cannot be read
+(:func:`peak_bandwidth`).
 
 The figures go to ``build/bench-gpu.json`` (``--json PATH``; ``make bench-gpu
 BENCH_JSON=path``): {"schema": 1, "kind": "bench-gpu", "measured": true, versions, device,
-"peak_GBps", "torch_backend", "goals", "cases", "checks"}, the cases in the CPU bench's
-schema. A shape whose check fails is reported on stderr, by shape, and not timed; the
-script then exits with status 1 after writing the other shapes' figures. Without a CUDA GPU
-it prints one line saying so and exits 0: nothing is measured and no JSON is written (a
-JSON left by an earlier GPU run stays as it was). The logic runs on Numba's CUDA simulator
-in the tests (tiny shapes, CPU tensors, ``sync`` a no-op, a given peak bandwidth).
+"peak_GBps", "torch_backend", "goals", "cases", "checks", "skipped", "seconds"}, the
+cases in the CPU bench's schema. A shape whose check fails is reported on stderr, by
+shape, and not timed; the script then exits with status 1 after writing the other shapes'
+figures. Without a CUDA GPU it prints one line saying so and exits 0: nothing is measured
+and no JSON is written (a JSON left by an earlier GPU run stays as it was). The logic runs
+on Numba's CUDA simulator in the tests (tiny shapes, CPU tensors, a host clock, a given
+peak bandwidth).
 
 Serves notebook 04 (``make bench-gpu``).
 """
@@ -37,29 +44,34 @@ import argparse
 import importlib.metadata
 import json
 import math
+import statistics
 import sys
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as TF
 
 from bnlab.bench.cases import PASSES, cases_from, format_goals  # noqa: F401 (PASSES re-exported)
-from bnlab.bench.timing import measure_interleaved
 
-SHAPES: list[tuple[tuple[int, ...], str]] = [
+SHAPES: list[tuple[tuple[int, ...], str]] = [  # the goal shape first: timed within budget
+    ((64, 256, 56, 56), "contiguous"),
+    ((64, 256, 56, 56), "channels_last"),
     ((32, 64, 56, 56), "contiguous"),
     ((256, 64, 28, 28), "contiguous"),
     ((1024, 512), "contiguous"),
-    ((64, 256, 56, 56), "contiguous"),
-    ((64, 256, 56, 56), "channels_last"),
 ]
 LAYOUTS = ("contiguous", "channels_last")
 IMPLS = ("torch", "bnlab kernel")
 MODES = ("train fwd", "train fwd+bwd", "eval")
-# 5 shapes x 3 modes x 2 implementations x (REPEATS + 2 warm-up) timings of ~0.05 s each:
-# about a minute of timing on an H100, plus the checks and Numba's first compilations.
-REPEATS = 25
+# 5 shapes x 3 modes x 2 implementations x (REPEATS + WARMUP) calls of at most a few ms
+# each, plus an L2 flush before each: seconds of timing on an H100; the checks and Numba's
+# compilations (explicit signatures: compiled once, at the first call) take longer.
+REPEATS = 30
+WARMUP = 3
+BUDGET_S = 240.0
 GOAL_SHAPE = (64, 256, 56, 56)
 GOAL_SPEEDUP = 0.9
 GOAL_BANDWIDTH = 0.75
@@ -252,6 +264,83 @@ def _step(mode: str, bn: Callable, inputs: dict[str, torch.Tensor], x_grad: torc
     return {"train fwd": train_fwd, "train fwd+bwd": train_fwd_bwd, "eval": evaluate}[mode]
 
 
+class EventClock:
+    """Device time: CUDA events around each call, after an L2 flush outside them.
+
+    The flush writes a buffer of ``flush_bytes`` (twice the L2 by default), so each timed
+    call reads its inputs from HBM, as it would after the layers that ran before it.
+    """
+
+    def __init__(self, flush_bytes: int | None = None, device: str = "cuda") -> None:
+        if flush_bytes is None:
+            flush_bytes = 2 * l2_bytes()
+        self.buffer = torch.empty(max(1, flush_bytes // 4), dtype=torch.float32, device=device)
+
+    def flush(self) -> None:
+        self.buffer.zero_()
+
+    def start(self):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def stop(self, started):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return started, event
+
+    def seconds(self, token) -> float:
+        started, stopped = token
+        stopped.synchronize()
+        return started.elapsed_time(stopped) / 1e3  # elapsed_time is in ms
+
+
+class HostClock:
+    """Host time (``time.perf_counter``), for the simulator and the tests: no flush."""
+
+    def flush(self) -> None:
+        pass
+
+    def start(self):
+        return time.perf_counter()
+
+    def stop(self, started):
+        return time.perf_counter() - started
+
+    def seconds(self, token) -> float:
+        return token
+
+
+def summarize(times: list[float]) -> SimpleNamespace:
+    """median, iqr (upper minus lower quartile) and the times, in seconds."""
+    times = list(times)
+    if len(times) > 1:
+        q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    else:
+        q1 = q3 = times[0]
+    return SimpleNamespace(median=statistics.median(times), iqr=q3 - q1, times=times)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int, clock, warmup: int = WARMUP
+) -> dict[str, SimpleNamespace]:
+    """Time each function ``warmup + repeats`` times, interleaved (A B, B A, A B, ...), one
+    call per timing after ``clock.flush()``; the warm-up calls are dropped. One summary
+    (:func:`summarize`) per function. Events are read only at the end: no host sync
+    between calls beyond what the functions do themselves."""
+    names = list(fns)
+    tokens: dict[str, list] = {n: [] for n in names}
+    for r in range(warmup + repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            clock.flush()
+            started = clock.start()
+            fns[name]()
+            token = clock.stop(started)
+            if r >= warmup:
+                tokens[name].append(token)
+    return {n: summarize([clock.seconds(t) for t in tokens[n]]) for n in names}
+
+
 def measure_shape(
     shape: Iterable[int],
     layout: str = "contiguous",
@@ -261,25 +350,22 @@ def measure_shape(
     device: str = "cuda",
     backend: str = "cuda",
     repeats: int = REPEATS,
-    number: int | None = None,
-    sync: Callable[[], None] | None = None,
+    clock=None,
 ) -> list[dict]:
     """Time torch and the bnlab kernel in every mode on one shape: the case dicts.
 
-    The two run interleaved within each mode; ``sync`` (torch.cuda.synchronize on a GPU,
-    the default there) runs inside every timed call; ``number``: calls per timing (None:
-    about 0.05 s worth).
+    ``clock``: :class:`EventClock` on a GPU (the default there), :class:`HostClock` otherwise.
     """
     shape = tuple(shape)
-    if sync is None and device == "cuda":
-        sync = torch.cuda.synchronize
+    if clock is None:
+        clock = EventClock(device=device) if device == "cuda" else HostClock()
     inputs = make_inputs(shape, layout, device)
     x_grad = inputs["x"].detach().clone().requires_grad_()
     impls = implementations(backend)
     measurements = {}
     for mode in MODES:
         fns = {name: _step(mode, bn, inputs, x_grad) for name, bn in impls.items()}
-        measurements[mode] = measure_interleaved(fns, repeats, number=number, sync=sync)
+        measurements[mode] = time_interleaved(fns, repeats, clock)
     return build_cases(shape, layout, measurements, repeats, peak_GBps, device_name)
 
 
@@ -301,7 +387,7 @@ def build_cases(
 
 
 def compute_goals(cases: list[dict], shape: Iterable[int] = GOAL_SHAPE) -> list[dict]:
-    """The issue's two goals, from the bnlab kernel's contiguous "train fwd+bwd" case at
+    """The course's two GPU goals, from the bnlab kernel's contiguous "train fwd+bwd" case at
     ``shape``: [{"what", "value", "met"}, ...]; value None (not met) when that case is absent."""
     shape = [int(d) for d in shape]
     case = next(
@@ -397,21 +483,70 @@ def format_cases(cases: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def gpu_peak_bandwidth() -> float:
-    """The GPU's peak memory bandwidth in GB/s: 2 (double data rate) x clock x bus width.
+# Vendor HBM/GDDR peaks in GB/s, by a part of torch.cuda.get_device_name(): the fallback
+# where the device attributes cannot be read (CUDA 13 dropped memoryClockRate from
+# cudaDeviceProp). First match wins: the more specific names come first.
+HBM_PEAK_GBPS: list[tuple[str, float]] = [
+    ("H100 NVL", 3900.0),
+    ("H100 PCIe", 2000.0),
+    ("H100", 3350.0),  # SXM5 80 GB, "NVIDIA H100 80GB HBM3"
+    ("H200", 4800.0),
+    ("GH200", 4000.0),
+    ("B200", 8000.0),
+    ("A100-SXM4-80GB", 2039.0),
+    ("A100 80GB PCIe", 1935.0),
+    ("A100", 1555.0),  # 40 GB, SXM4 and PCIe
+    ("L40S", 864.0),
+    ("L4", 300.0),
+    ("V100", 900.0),
+]
 
-    The attributes are read through Numba (CUDA's device attributes; the memory clock in
-    kHz, the bus width in bits), or from torch's device properties where Numba cannot.
-    """
+
+def peak_from_attributes(clock_khz: float, bus_bits: float) -> float:
+    """2 (double data rate) x memory clock x bus width, in GB/s."""
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+
+
+def peak_from_name(name: str) -> float | None:
+    """The vendor's peak for a device name from :data:`HBM_PEAK_GBPS`, or None."""
+    return next((gbps for part, gbps in HBM_PEAK_GBPS if part in name), None)
+
+
+def peak_bandwidth(name: str, clock_khz: float | None, bus_bits: float | None) -> tuple[float, str]:
+    """(GB/s, source): from the attributes when both are known and nonzero, else the name
+    table; ValueError when neither is available (no goal can be judged then)."""
+    if clock_khz and bus_bits:
+        return peak_from_attributes(clock_khz, bus_bits), "device attributes"
+    by_name = peak_from_name(name)
+    if by_name is None:
+        raise ValueError(
+            f"no peak memory bandwidth for {name!r}: the device attributes are unreadable "
+            "and the name is not in bnlab.bench.gpu.HBM_PEAK_GBPS; add it there"
+        )
+    return by_name, "name table"
+
+
+def _memory_attributes() -> tuple[float | None, float | None]:
+    """The memory clock (kHz) and bus width (bits) through Numba, else torch, else None."""
     try:
         from bnlab.kernels.backend import cuda_module
 
         dev = cuda_module().get_current_device()
-        clock_khz, bus_bits = dev.MEMORY_CLOCK_RATE, dev.GLOBAL_MEMORY_BUS_WIDTH
+        return dev.MEMORY_CLOCK_RATE, dev.GLOBAL_MEMORY_BUS_WIDTH
     except Exception:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        clock_khz, bus_bits = props.memory_clock_rate, props.memory_bus_width
-    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+        return getattr(props, "memory_clock_rate", None), getattr(props, "memory_bus_width", None)
+
+
+def gpu_peak_bandwidth() -> float:
+    """This GPU's peak memory bandwidth in GB/s (:func:`peak_bandwidth`)."""
+    return peak_bandwidth(torch.cuda.get_device_name(), *_memory_attributes())[0]
+
+
+def l2_bytes() -> int:
+    """The GPU's L2 size from torch's device properties (50 MB, an H100's, if unreadable)."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
 
 
 def torch_gpu_backend(shape: Iterable[int] = GOAL_SHAPE) -> str:
@@ -445,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
         help="shapes such as 64x256x56x56 or 64x256x56x56:channels_last",
     )
     parser.add_argument("--repeats", type=int, default=REPEATS, help="timings per function")
+    parser.add_argument(
+        "--budget-s", type=float, default=BUDGET_S, help="no new shape is timed after this"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print(NO_GPU)
@@ -466,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         device_name=device_name,
         peak_GBps=peak,
         torch_backend=backend,
+        budget_s=args.budget_s,
     )
 
 
@@ -479,16 +618,19 @@ def run(
     torch_backend: str,
     device: str = "cuda",
     backend: str = "cuda",
-    number: int | None = None,
-    sync: Callable[[], None] | None = None,
+    clock=None,
     goal_shape: Iterable[int] = GOAL_SHAPE,
+    budget_s: float = BUDGET_S,
 ) -> int:
     """Check every (shape, layout), time those that passed, print, write the JSON.
 
     Returns the exit status: 0, or 1 when a check failed (each failure on stderr, naming
-    its shape). :func:`main` calls it on the GPU; the tests on the simulator, with CPU
-    tensors (``device="cpu"``), a no-op ``sync`` and a given peak bandwidth.
+    its shape). A shape not yet started when ``budget_s`` seconds have passed is not
+    timed, and listed in the JSON's "skipped". :func:`main` calls it on the GPU; the tests
+    on the simulator, with CPU tensors (``device="cpu"``), a :class:`HostClock` and a given
+    peak bandwidth.
     """
+    began = time.perf_counter()
     print(f"{device_name}: peak {peak_GBps:.0f} GB/s; torch {torch.__version__}, "
           f"batch_norm: {torch_backend}")  # fmt: skip
     print(f"check against torch (tolerance {ATOL:g} x scale + {RTOL:g} x |torch|):")
@@ -496,9 +638,11 @@ def run(
     for shape, layout in shapes:
         checks.append(check_against_torch(shape, layout, device, backend))
         print(format_check(checks[-1]), flush=True)
-    cases = []
+    cases, skipped = [], []
     for check, (shape, layout) in zip(checks, shapes, strict=True):
-        if check["passed"]:
+        if check["passed"] and time.perf_counter() - began > budget_s:
+            skipped.append({"shape": list(shape), "layout": layout})
+        elif check["passed"]:
             cases += measure_shape(
                 shape,
                 layout,
@@ -507,8 +651,7 @@ def run(
                 device=device,
                 backend=backend,
                 repeats=repeats,
-                number=number,
-                sync=sync,
+                clock=clock,
             )
     goals = compute_goals(cases, goal_shape)
     print(f"\nfloat32, x torch: torch's median / this median; {repeats} timings each\n")
@@ -522,6 +665,12 @@ def run(
         peak_GBps=peak_GBps,
         torch_backend=torch_backend,
     )
+    doc["skipped"] = skipped
+    doc["seconds"] = time.perf_counter() - began
+    for item in skipped:
+        print(
+            f"not timed (past the {budget_s:.0f} s budget): {tuple(item['shape'])} {item['layout']}"
+        )
     print(f"\nwrote {write_json(doc, json_path)}")
     failed = [failure_message(c) for c in checks if not c["passed"]]
     for line in failed:

@@ -1,14 +1,17 @@
 """``python -m bnlab.bench`` (``make bench``): BatchNorm speed and memory, side by side.
 
-- the CPU kernel cases (:mod:`bnlab.bench.cpu`): torch, bnlab's kernel and its scratch
-  version, every mode, median and IQR, ratios to torch, bandwidth on shapes 4x the cache,
-  once with the default allocator and once with freed memory kept mapped ("warm");
+- the CPU kernel cases (:mod:`bnlab.bench.cpu`): torch, bnlab's kernel and
+  torch.compile(F.batch_norm), every mode, median and IQR, ratios to torch, each case
+  against its read/write floor, the goals judged with what bounds each miss, once with
+  the default allocator and once with freed memory kept mapped ("warm");
 - peak memory per implementation, each in a fresh process (:mod:`bnlab.bench.memory`);
 - BN folding in context (:mod:`bnlab.bench.folding`);
 - the GPU has its own script, ``make bench-gpu`` (:mod:`bnlab.bench.gpu`).
 
 ``--json PATH`` (``make bench BENCH_JSON=path``) writes every case; a full run puts the
 headline figures in the results store, from which the README's tables are generated.
+``--only kernels`` (``make bench BENCH_ARGS="--only kernels"``) runs the kernel cases
+alone, both allocators, and replaces only their figures in the store.
 
 Serves notebooks 04 and 07 (``make bench``).
 """
@@ -41,24 +44,22 @@ def set_threads(n: int) -> None:
 
 
 def print_cpu_section(cases: list[dict], facts: dict) -> None:
-    llc = facts["llc_bytes"]
+    print(f"\nCPU, float32, {facts['allocator']} allocator: {cpu.machine_text(facts)}")
     print(
-        f"\nCPU, float32, {facts['threads']} threads, {facts['allocator']} allocator. Copy "
-        f"bandwidth {facts['copy_GBps']:.1f} GB/s; last-level cache "
-        f"{'unknown' if llc is None else f'{llc / 2**20:.0f} MiB'}"
-    )
-    if facts["large_shape"]:
-        print(
-            f"bandwidth only at {tuple(facts['large_shape'])}, {cpu.CACHE_FACTOR}x the cache; "
-            f"a fresh output of that size costs {1e3 * facts['first_touch_s']:.0f} ms of page "
-            "faults, paid by every implementation"
-        )
-    print(
-        "x torch: torch's median / this median (>1 is faster); passes: fwd 3, fwd+bwd 8, eval 2\n"
+        "x torch: torch's median / this median (>1 is faster). floor: the minimum traffic "
+        "(channel-blocked for contiguous NCHW: fwd 1 read + 1 write, fwd+bwd 3 + 2; otherwise "
+        "fwd 2 + 1, fwd+bwd 6 + 2; eval 1 + 1) at the read and write bandwidths measured on "
+        f"buffers of the tensor's size (DRAM's at {cpu.CACHE_FACTOR}x the last-level cache); "
+        "of floor: floor / median. torch.compile: compiled before timing, compile s apart\n"
     )
     print(cpu.format_cases(cases))
+    compiled = [c for c in cases if c.get("compile_s") is not None]
+    if compiled:
+        print("\ntorch.compile(F.batch_norm), first call (the compile), not in the medians:")
+        for c in compiled:
+            print(f"  {tuple(c['shape'])} {c['mode']}: {c['compile_s']:.1f} s")
     print("\nThe kernel's goals, in the medians:")
-    print(cpu.format_goals(cpu.goals(cases)))
+    print(cpu.format_goals(cpu.goals(cases, facts)))
 
 
 def warm_allocator_run(quick: bool, threads: int) -> tuple[list[dict], dict]:
@@ -107,50 +108,78 @@ def fusion_section(quick: bool = False, threads: int | None = None) -> list[dict
     return rows
 
 
+SECTIONS = ("kernels", "memory", "folding")
+# the store keys each section records: a run of some sections replaces only theirs
+SECTION_KEYS = {"kernels": "bench.cpu.", "memory": "bench.memory.", "folding": "bench.fold."}
+
+
 def record_figures(
     machines: list[tuple[list[dict], dict]],
     memory: list[dict],
     fusion_rows: list[dict],
     path: Path | None = None,
+    sections: tuple[str, ...] = SECTIONS,
 ) -> None:
     """Put ``make bench``'s headline figures in the results store (bnlab.teaching.results).
 
-    They replace the whole "bench" set at once, when every figure is recorded (no figure
-    outlives its case); an error on the way leaves the store as it was. path: the store
-    (default: the course's).
+    A run of every section replaces the whole "bench" set at once, when every figure is
+    recorded (no figure outlives its case); a run of some ``sections`` (``--only``)
+    replaces only their figures (:data:`SECTION_KEYS`) and keeps the others. An error on
+    the way leaves the store as it was. path: the store (default: the course's).
     """
-    from bnlab.teaching.results import STORE, recorded_together
+    from bnlab.teaching import results
 
-    with recorded_together("bench", path or STORE):
-        _record_each(machines, memory, fusion_rows)
+    store = path or results.STORE
+    if set(sections) == set(SECTIONS):
+        with results.recorded_together("bench", store):
+            _record_each(machines, memory, fusion_rows, sections)
+        return
+    if not results.recording():
+        _record_each(machines, memory, fusion_rows, sections)  # shows the lines only
+        return
+    fd, name = tempfile.mkstemp(prefix="bnlab-results-", suffix=".jsonl")
+    os.close(fd)
+    previous = os.environ.get(results.PENDING_ENV)
+    os.environ[results.PENDING_ENV] = name
+    try:
+        _record_each(machines, memory, fusion_rows, sections)
+        figures = results.read_pending(Path(name))
+    finally:
+        Path(name).unlink(missing_ok=True)
+        if previous is None:
+            os.environ.pop(results.PENDING_ENV, None)
+        else:
+            os.environ[results.PENDING_ENV] = previous
+    prefixes = tuple(SECTION_KEYS[s] for s in sections)
+    with results.updating(store) as data:
+        stale = [k for k in data["figures"] if k.startswith(prefixes) and k not in figures]
+        for key in stale:
+            del data["figures"][key]
+        data["figures"].update(figures)
 
 
 def _record_each(
-    machines: list[tuple[list[dict], dict]], memory: list[dict], fusion_rows: list[dict]
+    machines: list[tuple[list[dict], dict]],
+    memory: list[dict],
+    fusion_rows: list[dict],
+    sections: tuple[str, ...] = SECTIONS,
 ) -> None:
     from bnlab.bench.folding import record_context_figures
     from bnlab.bench.memory import record_memory
     from bnlab.teaching.results import record
 
-    for cases, facts in machines:
-        cpu.record_cpu(cases, facts)
-        found = cpu.goals(cases)
-        met = [g for g in found if g["met"]]
-        record(
-            f"bench.cpu.{facts['allocator']}.goals",
-            found,
-            f"the kernel's CPU goals met, {facts['allocator']} allocator",
-            f"{len(met)} of {len(found)}; not met: "
-            + (
-                "; ".join(f"{g['what']} ({g['value']:.2f})" for g in found if not g["met"])
-                or "none"
-            ),
-            table="bench",
+    if "kernels" in sections:
+        for cases, facts in machines:
+            cpu.record_cpu(cases, facts)  # with the goals judged on them
+    if "memory" in sections:
+        record_memory(memory)
+    if "folding" in sections:
+        record_context_figures(fusion_rows)
+    if set(sections) == set(SECTIONS):
+        text = (
+            "not measured yet: no CUDA GPU on the machines that ran the benchmarks (make bench-gpu)"
         )
-    record_memory(memory)
-    record_context_figures(fusion_rows)
-    text = "not measured yet: no CUDA GPU on the machines that ran the benchmarks (make bench-gpu)"
-    record("bench.gpu", text, "CUDA kernels vs torch on a GPU, make bench-gpu", text)
+        record("bench.gpu", text, "CUDA kernels vs torch on a GPU, make bench-gpu", text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,23 +189,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch and numba)")
     parser.add_argument("--json", type=Path, default=None, help="write every case here")
-    parser.add_argument("--cpu-only", action="store_true", help="only the CPU kernel cases")
+    parser.add_argument(
+        "--only",
+        choices=SECTIONS,
+        action="append",
+        help="run only this section (repeatable); the store keeps the other sections' figures",
+    )
+    parser.add_argument(
+        "--cpu-only", action="store_true", help="only the kernel cases, this allocator only"
+    )
     args = parser.parse_args(argv)
+    sections = (
+        ("kernels",)
+        if args.cpu_only
+        else tuple(s for s in SECTIONS if s in (args.only or SECTIONS))
+    )
     set_threads(args.threads or torch.get_num_threads())
     threads = torch.get_num_threads()
     import numba
 
     print(f"torch {torch.__version__}, numba {numba.__version__}, {cpu_model()}, {threads} threads")
-    cases, facts = cpu.cpu_cases(args.quick)
-    print_cpu_section(cases, facts)
-    machines = [(cases, facts)]
-    memory, fusion_rows = [], []
-    if not args.cpu_only:
-        warm = warm_allocator_run(args.quick, threads)
-        print_cpu_section(*warm)
-        machines.append(warm)
+    machines, memory, fusion_rows = [], [], []
+    if "kernels" in sections:
+        cases, facts = cpu.cpu_cases(args.quick)
+        print_cpu_section(cases, facts)
+        machines.append((cases, facts))
+        if not args.cpu_only:
+            warm = warm_allocator_run(args.quick, threads)
+            print_cpu_section(*warm)
+            machines.append(warm)
+    if "memory" in sections:
         memory = memory_section(args.quick, threads)
+    if "folding" in sections:
         fusion_rows = fusion_section(args.quick, threads)
+    if sections == SECTIONS:
         print("\nGPU: not part of make bench; on a CUDA machine run make bench-gpu.")
     if args.json:
         report = {
@@ -188,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
             "threads": threads,
             "machines": [m[1] for m in machines],
             "cases": [c | {"allocator": m[1]["allocator"]} for m in machines for c in m[0]],
-            "goals": {m[1]["allocator"]: cpu.goals(m[0]) for m in machines},
+            "sections": list(sections),
+            "goals": {m[1]["allocator"]: cpu.goals(*m) for m in machines},
             "memory": memory,
             "folding": fusion_rows,
         }
@@ -197,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nwrote {args.json}")
     if not args.quick and not args.cpu_only:  # the store holds full runs only
         print()
-        record_figures(machines, memory, fusion_rows)
+        record_figures(machines, memory, fusion_rows, sections=sections)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ Submodules, imported on demand (importing ``cuda`` decides GPU vs simulator):
 - ``cpu``: the same algorithm with ``numba.njit(parallel=True)``;
 - ``autograd``: a ``torch.autograd.Function``, a functional ``batch_norm`` and
   BatchNorm1d/2d modules running on either kernel set (``backend="cpu"`` or ``"cuda"``);
+- ``ops``: the kernels as registered torch operators (``bnlab::batch_norm_train``, ...)
+  with their gradient and fake implementations, which ``torch.compile`` keeps whole;
 - ``validate``: argument validation shared by both; ``stability``: the cancellation demo;
 - ``ptx``: compile every CUDA kernel to PTX without a GPU (run in its own process).
 """

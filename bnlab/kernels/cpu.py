@@ -1,63 +1,410 @@
-"""Batch Normalization kernels for the CPU, written with ``numba.njit(parallel=True)``.
+"""Batch Normalization kernels for the CPU, written with ``numba.njit``: channel-blocked.
 
 The same algorithm as :mod:`bnlab.kernels.cuda`, laid out for caches instead of warps.
-Arrays are flat: ``x[n, c, j]`` is at ``(n * C + c) * HW + j`` (see the CUDA module).
+Arrays are flat: ``x[n, c, j]`` is at ``(n * C + c) * HW + j``, a *row* being the HW
+values of one sample and one channel.
 
-- statistics: ``prange`` over chunks of the batch axis N; inside a chunk the rows
-  ``x[n, c, :]`` are visited in memory order, so every byte is read once, sequentially.
-  Each row (HW values, in L1) gets an exact two-pass mean and M2, folded into the
-  chunk's per-channel summary with Chan's merge; the chunk summaries are merged per
-  channel at the end (``prange`` over channels). With HW = 1, (N, C) input, a row is a
-  single value and Chan's merge *is* Welford's update.
-- Like torch's CPU kernel, sums are accumulated in float64 for float32 input (its
-  ``acc_type``); the GPU kernels stay in float32 and rely on Welford/Chan alone.
-- normalize and the backward elementwise pass: ``prange`` over rows, a vectorizable
-  inner loop over the HW values of a row with the channel's constants hoisted.
+**NCHW, channel blocking.** A training forward must see every value of a channel before it
+can normalize any, so a naive kernel reads x twice from memory (statistics, then normalize)
+and writes y once. Here the channels are cut into groups small enough that a group's slab
+(its N rows per channel, and dy's in the backward) stays in one core's L2 cache between its
+reduction and its second pass (:func:`channel_group`). Each thread takes whole groups, reduces
+one and at once normalizes it (forward) or computes its dx (backward), so from main memory:
+
+- forward: read x, write y: 2 passes (the re-read comes from cache);
+- backward: read x and dy, write dx: 3 passes; 5 for a training step.
+
+**Rows, (M, C).** A 2-D input, or a channels_last tensor seen as its ``(N*H*W, C)`` view, has
+every channel spread over all of memory: no group of channels is contiguous, so it cannot
+be blocked by channel. Threads take blocks of rows (a two-level reduction: rows within a
+block, vectorized across C, then the blocks' partial sums), then normalize their rows. Its
+minimum traffic is 3 passes forward (read x twice, write y) and 5 backward (read x and dy
+twice, write dx), unless the whole tensor fits in the last-level cache.
+
+**Precision.** Sums run in the input's type along a row (or over 8 rows of a (M, C) block),
+at most RUN values at a time, and in float64 across rows: the vector units work in float32,
+and the rounding of a float32 run of at most RUN values is ~1e-7 relative before the float64
+accumulation takes over. Values are shifted first (by the mean of the channel's first row,
+or the first row itself for (M, C)), so the variance sum(d^2)/m - (sum(d)/m)^2 subtracts
+numbers of the size of the spread, never of the mean (see :mod:`bnlab.kernels.stability`).
+The output is ``(x - mean) * scale + beta``, not ``x * scale + shift``: the fused form
+cancels when |mean| * scale is large (a constant channel of -1e4 would come out 0.4 away
+from beta); here it comes out exactly beta. The float64 mean is split into its float32
+value and the remainder, and the remainder is folded into beta, so the subtraction in the
+input's type loses nothing.
+
+**One dispatch per phase.** The training forward and the backward are one compiled call
+each, which allocates its own scratch; arguments are validated once, by the public
+function. Below SERIAL_BELOW_BLOCKED (NCHW) or SERIAL_BELOW_ROWS ((M, C)) values a serial
+build of the same code runs (no parallel region: starting one costs more than it saves).
+The Numba threading layer is pinned when this module is imported (THREADING_LAYER) and
+reported by :func:`threading_layer`.
 
 Serves notebook 04.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import types
+
 import numba
-import numpy as np
-import torch
-from numba import njit, prange
-from torch import Tensor
 
-from bnlab.kernels import validate
-from bnlab.nn import functional as F
-from bnlab.nn.merge import merge_moments
+# Pinned before the first parallel call, which is when Numba loads its thread pool; an
+# explicit NUMBA_THREADING_LAYER in the environment wins. "omp" (GNU OpenMP, a pool of its
+# own beside torch's) starts a region in ~2 us on 2 cores, "workqueue" in ~25 us (its
+# workers sleep between regions). Alternating a torch matmul with the kernel's fwd+bwd
+# (2 threads), the kernel took 0.55-0.6x torch's BN time with "omp" and 1.0-1.8x with
+# "workqueue", while the torch op alone took the same time under either: omp contends less.
+THREADING_LAYER = os.environ.get("NUMBA_THREADING_LAYER") or "omp"
+numba.config.THREADING_LAYER = THREADING_LAYER
 
-# Chan's merge (bnlab.nn.merge), compiled for the CPU; these kernels accumulate in float64.
-_merge = njit(inline="always", cache=True)(merge_moments)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from numba import njit, prange  # noqa: E402
+from torch import Tensor  # noqa: E402
 
-# reassoc lets LLVM vectorize the sums (it may reorder the additions); no other liberty.
+from bnlab.kernels import validate  # noqa: E402
+from bnlab.kernels.machine import CacheSizes, cache_sizes  # noqa: E402
+from bnlab.nn import functional as F  # noqa: E402
+
+__all__ = [
+    "backward_elementwise",
+    "backward_reduce",
+    "backward_train",
+    "cache_sizes",
+    "channel_group",
+    "channel_stats",
+    "forward_eval",
+    "forward_train",
+    "normalize",
+    "plan",
+    "threading_layer",
+    "update_running_stats",
+]
+
+# reassoc lets LLVM vectorize the sums (it may reorder the additions); contract allows
+# fused multiply-adds. No other liberty: NaN and inf keep their meaning (ReLU keeps NaN).
 _FAST = {"reassoc", "contract"}
-
-
-# Rows of a 2-D (M, C) input are summed ROWS_IN_TYPE at a time in the input's own type
-# (vectorized across C), then added to float64 accumulators: float64 sums, at the speed
-# of float32 arithmetic. The error of 8 float32 additions is ~1e-6 relative, before
-# the float64 accumulation takes over.
+# Values summed in the input's type before the float64 accumulator takes over.
+RUN = 2048
+# Rows of a (M, C) block summed in the input's type, vectorized across C.
 ROWS_IN_TYPE = 8
+# Below these many values per tensor the serial build runs. Measured with 2 threads on the
+# 2-core development machine (fwd+bwd, serial time / parallel time, interleaved, under load):
+# NCHW, one parallel region per phase: 1.07 at 4096 values, 1.15 at 8192, 1.3 at 32768;
+# (M, C) rows, two regions per phase: 0.81 at 16384, 0.88 at 65536, 1.2 at 131072.
+SERIAL_BELOW_BLOCKED = 1 << 12
+SERIAL_BELOW_ROWS = 1 << 17
+# A group's slab may fill this share of one core's L2: the rest holds the output being
+# written (y or dx), the per-channel constants and what the hardware prefetches.
+L2_SHARE = 0.5
+
+
+# Only the explicit ``prange`` loops run on the thread pool. By default Numba would also turn
+# every array expression of a parallel function (np.zeros, .sum(), .astype) into a parallel
+# region of its own, each costing a thread-pool start (~15 us on 2 cores).
+PRANGE_ONLY = {
+    "prange": True,
+    "comprehension": False,
+    "reduction": False,
+    "inplace_binop": False,
+    "setitem": False,
+    "numpy": False,
+    "stencil": False,
+    "fusion": False,
+}
+
+
+def _compiled_twice(py_func):
+    """(parallel, serial) dispatchers of one Python function: ``prange`` runs on the thread
+    pool in the first and is a plain ``range`` in the second. The serial copy gets its own
+    name, so that Numba's on-disk cache keeps the two builds apart."""
+    serial = types.FunctionType(py_func.__code__, py_func.__globals__, py_func.__name__ + "_serial")
+    serial.__qualname__ = py_func.__qualname__ + "_serial"
+    serial.__doc__ = py_func.__doc__
+    return (
+        njit(parallel=dict(PRANGE_ONLY), fastmath=_FAST, cache=True)(py_func),  # numba pops keys
+        njit(fastmath=_FAST, cache=True)(serial),
+    )
+
+
+# ---------------------------------------------------------------------------------
+# Row-level pieces (inlined into the entries below)
+# ---------------------------------------------------------------------------------
+
+
+@njit(fastmath=_FAST, cache=True, inline="always")
+def _row_sums(row, shift):
+    """float64 sum(d) and sum(d * d) of d = row - shift (row's type), RUN values at a time
+    in row's type (vectorized), then in float64."""
+    zero = row.dtype.type(0)
+    s, q = 0.0, 0.0
+    for j0 in range(0, row.shape[0], RUN):
+        run = row[j0 : j0 + RUN]  # indices from 0: LLVM then vectorizes without gathers
+        rs, rq = zero, zero
+        for j in range(run.shape[0]):
+            d = run[j] - shift
+            rs += d
+            rq += d * d
+        s += rs
+        q += rq
+    return s, q
+
+
+@njit(fastmath=_FAST, cache=True, inline="always")
+def _row_grad_sums(row, grad, centre):
+    """float64 sum(g) and sum(g * (row - centre)), RUN values at a time in row's type."""
+    zero = row.dtype.type(0)
+    a, b = 0.0, 0.0
+    for j0 in range(0, row.shape[0], RUN):
+        run, grun = row[j0 : j0 + RUN], grad[j0 : j0 + RUN]
+        ra, rb = zero, zero
+        for j in range(run.shape[0]):
+            g = grun[j]
+            ra += g
+            rb += g * (run[j] - centre)
+        a += ra
+        b += rb
+    return a, b
+
+
+@njit(fastmath=_FAST, cache=True, inline="always")
+def _normalize_row(row, out, centre, scale, beta, relu):
+    """out = (row - centre) * scale + beta; with ``relu`` values below zero become zero
+    (NaN stays NaN, as torch.relu)."""
+    zero = row.dtype.type(0)
+    if relu:
+        for j in range(row.shape[0]):
+            v = (row[j] - centre) * scale + beta
+            out[j] = zero if v < zero else v
+    else:
+        for j in range(row.shape[0]):
+            out[j] = (row[j] - centre) * scale + beta
+
+
+@njit(fastmath=_FAST, cache=True, inline="always")
+def _dx_row(row, grad, out, centre, k_x, k_dy, k_0):
+    """out = (row - centre) * k_x + grad * k_dy + k_0: dx by the compact formula, its
+    per-channel constants folded (see _grad_constants). With k_x = 0 (running statistics)
+    x is not read, so an inf in x does not turn dx into NaN (torch's dy * weight * invstd)."""
+    if k_x == 0:
+        for j in range(row.shape[0]):
+            out[j] = grad[j] * k_dy + k_0
+        return
+    for j in range(row.shape[0]):
+        out[j] = (row[j] - centre) * k_x + grad[j] * k_dy + k_0
+
+
+# ---------------------------------------------------------------------------------
+# Per-channel constants, in float64, from the sums. Inlined, like the row pieces: a call
+# between compiled functions passes each array as 7 values and counts its references,
+# which per channel (C = 512) would cost more than the arithmetic.
+# ---------------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _column_sum(partial, c):
+    """partial[:, c].sum() of the per-block partial sums, without making a view."""
+    total = 0.0
+    for t in range(partial.shape[0]):
+        total += partial[t, c]
+    return total
+
+
+@njit(cache=True, inline="always")
+def _train_constants(
+    c, s, q, shift, count, w, b, momentum, eps, rmean, rvar, mean, invstd, centre, scale, beta
+):
+    """Channel c's mean and invstd from the shifted sums s = sum(d), q = sum(d^2) over
+    ``count`` values; PyTorch's running update (unbiased variance) when the buffers are
+    not empty; and the normalize constants in x's type: centre (the mean rounded to x's
+    type), scale = weight * invstd, beta = bias - (mean - centre) * scale."""
+    d_mean = s / count
+    var = max(q / count - d_mean * d_mean, 0.0)
+    mu = shift + d_mean
+    istd = 1.0 / np.sqrt(var + eps)
+    mean[c], invstd[c] = mu, istd
+    if rmean.shape[0]:
+        rmean[c] = momentum * mu + (1.0 - momentum) * rmean[c]
+        rvar[c] = momentum * (var * count / (count - 1.0)) + (1.0 - momentum) * rvar[c]
+    _affine_constants(c, mu, istd, w, b, centre, scale, beta)
+
+
+@njit(cache=True, inline="always")
+def _affine_constants(c, mu, istd, w, b, centre, scale, beta):
+    """centre[c], scale[c], beta[c] (x's type) for y = (x - centre) * scale + beta; an empty
+    w or b stands for ones or zeros (affine=False)."""
+    sc = (w[c] if w.shape[0] else 1.0) * istd
+    centre[c] = mu
+    scale[c] = sc
+    beta[c] = (b[c] if b.shape[0] else 0.0) - (mu - centre[c]) * sc
+
+
+@njit(cache=True, inline="always")
+def _grad_constants(c, sa, sb, mean, invstd, w, count, batch_stats, centre, dgamma, dbeta, k):
+    """From sa = sum(dy), sb = sum(dy * (x - centre)): dbeta[c], dgamma[c], and k[:, c] =
+    (k_x, k_dy, k_0) with dx = (x - centre) * k_x + dy * k_dy + k_0, which is
+    (dy - sum(dy)/m - x_hat * sum(dy * x_hat)/m) * weight * invstd; for running
+    statistics (batch_stats False) dx = dy * weight * invstd."""
+    istd = invstd[c]
+    sxh = (sb - (mean[c] - centre[c]) * sa) * istd  # sum(dy * x_hat), exact centre
+    dbeta[c], dgamma[c] = sa, sxh
+    sc = (w[c] if w.shape[0] else 1.0) * istd
+    if batch_stats:
+        kb = sxh * istd / count
+        k[0, c] = -kb * sc
+        k[1, c] = sc
+        k[2, c] = (-sa / count + kb * (mean[c] - centre[c])) * sc
+    else:
+        k[0, c], k[1, c], k[2, c] = 0.0, sc, 0.0
+
+
+# ---------------------------------------------------------------------------------
+# NCHW: one group of channels, both passes while it is in cache
+# ---------------------------------------------------------------------------------
 
 
 @njit(fastmath=_FAST, cache=True)
-def _rows_moments(x, n0, n1, C, mean_k, m2_k):
-    """Per-channel (mean, M2) of rows n0..n1 of a flat (M, C) array, into mean_k, m2_k (C,).
+def _group_sums(x, C, HW, c0, c1, n0, n1, shift, s, q):
+    """Add the shifted sums of rows n0..n1 of channels c0..c1 to s, q (C,), in memory order."""
+    for n in range(n0, n1):
+        for c in range(c0, c1):
+            base = (n * C + c) * HW
+            rs, rq = _row_sums(x[base : base + HW], shift[c])
+            s[c] += rs
+            q[c] += rq
 
-    One pass over shifted values d = x - x[n0] (the chunk's first row, so d is of the
-    order of the spread, and sum(d^2) - sum(d)^2 / n does not cancel as sum(x^2) would).
-    """
-    shift = x[n0 * C : (n0 + 1) * C]
-    s, q = np.zeros(C), np.zeros(C)
-    sb, qb = np.zeros_like(shift), np.zeros_like(shift)  # the input's type
-    for b0 in range(n0, n1, ROWS_IN_TYPE):
-        sb[:] = 0.0
-        qb[:] = 0.0
-        for n in range(b0, min(b0 + ROWS_IN_TYPE, n1)):
-            xr = x[n * C : (n + 1) * C]
+
+@njit(fastmath=_FAST, cache=True)
+def _group_normalize(x, y, C, HW, c0, c1, n0, n1, centre, scale, beta, relu):
+    for n in range(n0, n1):
+        for c in range(c0, c1):
+            base = (n * C + c) * HW
+            _normalize_row(
+                x[base : base + HW], y[base : base + HW], centre[c], scale[c], beta[c], relu
+            )
+
+
+@njit(fastmath=_FAST, cache=True)
+def _group_grad_sums(x, dy, C, HW, c0, c1, n0, n1, centre, sa, sb):
+    for n in range(n0, n1):
+        for c in range(c0, c1):
+            base = (n * C + c) * HW
+            a, b = _row_grad_sums(x[base : base + HW], dy[base : base + HW], centre[c])
+            sa[c] += a
+            sb[c] += b
+
+
+@njit(fastmath=_FAST, cache=True)
+def _group_dx(x, dy, dx, C, HW, c0, c1, n0, n1, centre, k):
+    for n in range(n0, n1):
+        for c in range(c0, c1):
+            base = (n * C + c) * HW
+            xr, gr, out = x[base : base + HW], dy[base : base + HW], dx[base : base + HW]
+            _dx_row(xr, gr, out, centre[c], k[0, c], k[1, c], k[2, c])
+
+
+@njit(fastmath=_FAST, cache=True)
+def _first_row_shifts(x, C, HW, shift):
+    """shift[c] = the mean of channel c's first row, in x's type: a value of the size of the
+    channel's mean, so the shifted sums do not cancel."""
+    for c in range(C):
+        s, _ = _row_sums(x[c * HW : (c + 1) * HW], x.dtype.type(0))
+        shift[c] = s / HW
+
+
+def _train_forward_nchw(
+    x, N, C, HW, group, splits, w, b, momentum, eps, rmean, rvar, y, mean, invstd
+):
+    """Training forward of flat NCHW x into y; mean, invstd (C,) float64; running buffers
+    updated when not empty. Groups of ``group`` channels: with ``splits`` == 1 each group is
+    one task (reduced, then normalized from cache); with ``splits`` > 1 (fewer groups than
+    threads) the groups go one after another, each split over the batch into ``splits``
+    tasks that reduce, merge, then normalize the rows they reduced."""
+    shift = np.empty(C, x.dtype)
+    _first_row_shifts(x, C, HW, shift)
+    shift64 = shift.astype(np.float64)
+    centre, scale, beta = np.empty(C, x.dtype), np.empty(C, x.dtype), np.empty(C, x.dtype)
+    count = float(N * HW)
+    n_groups = (C + group - 1) // group
+    if splits == 1:
+        s, q = np.zeros(C), np.zeros(C)
+        for g in prange(n_groups):
+            c0, c1 = g * group, min(C, (g + 1) * group)
+            _group_sums(x, C, HW, c0, c1, 0, N, shift, s, q)
+            for c in range(c0, c1):
+                _train_constants(
+                    c, s[c], q[c], shift64[c], count, w, b, momentum, eps,
+                    rmean, rvar, mean, invstd, centre, scale, beta,
+                )  # fmt: skip
+            _group_normalize(x, y, C, HW, c0, c1, 0, N, centre, scale, beta, False)
+        return
+    s, q = np.zeros((splits, C)), np.zeros((splits, C))
+    for g in range(n_groups):
+        c0, c1 = g * group, min(C, (g + 1) * group)
+        for k in prange(splits):
+            _group_sums(x, C, HW, c0, c1, k * N // splits, (k + 1) * N // splits, shift, s[k], q[k])
+        for c in range(c0, c1):
+            _train_constants(
+                c, _column_sum(s, c), _column_sum(q, c), shift64[c], count, w, b, momentum, eps,
+                rmean, rvar, mean, invstd, centre, scale, beta,
+            )  # fmt: skip
+        for k in prange(splits):
+            n0, n1 = k * N // splits, (k + 1) * N // splits
+            _group_normalize(x, y, C, HW, c0, c1, n0, n1, centre, scale, beta, False)
+
+
+def _backward_nchw(x, dy, N, C, HW, group, splits, mean, invstd, w, batch_stats, dx, dgamma, dbeta):
+    """dx of flat NCHW x, dy; dgamma = sum(dy * x_hat), dbeta = sum(dy) (C,, x's type).
+    Groups as in _train_forward_nchw: each reduced, then its dx computed from cache."""
+    centre = mean.astype(x.dtype)
+    k = np.empty((3, C), x.dtype)
+    count = float(N * HW)
+    n_groups = (C + group - 1) // group
+    if splits == 1:
+        sa, sb = np.zeros(C), np.zeros(C)
+        for g in prange(n_groups):
+            c0, c1 = g * group, min(C, (g + 1) * group)
+            _group_grad_sums(x, dy, C, HW, c0, c1, 0, N, centre, sa, sb)
+            for c in range(c0, c1):
+                _grad_constants(
+                    c, sa[c], sb[c], mean, invstd, w, count, batch_stats, centre, dgamma, dbeta, k
+                )
+            _group_dx(x, dy, dx, C, HW, c0, c1, 0, N, centre, k)
+        return
+    sa, sb = np.zeros((splits, C)), np.zeros((splits, C))
+    for g in range(n_groups):
+        c0, c1 = g * group, min(C, (g + 1) * group)
+        for t in prange(splits):
+            n0, n1 = t * N // splits, (t + 1) * N // splits
+            _group_grad_sums(x, dy, C, HW, c0, c1, n0, n1, centre, sa[t], sb[t])
+        for c in range(c0, c1):
+            _grad_constants(
+                c, _column_sum(sa, c), _column_sum(sb, c), mean, invstd, w, count, batch_stats,
+                centre, dgamma, dbeta, k,
+            )  # fmt: skip
+        for t in prange(splits):
+            n0, n1 = t * N // splits, (t + 1) * N // splits
+            _group_dx(x, dy, dx, C, HW, c0, c1, n0, n1, centre, k)
+
+
+# ---------------------------------------------------------------------------------
+# Rows (M, C): blocks of rows, vectorized across C
+# ---------------------------------------------------------------------------------
+
+
+@njit(fastmath=_FAST, cache=True)
+def _rows_sums(x, C, r0, r1, shift, s, q):
+    """Add sum(d), sum(d^2) of d = x[r] - shift over rows r0..r1 of flat (M, C) x to s, q
+    (C,) float64: ROWS_IN_TYPE rows at a time in x's type, vectorized across C."""
+    sb, qb = np.empty(C, x.dtype), np.empty(C, x.dtype)
+    for b0 in range(r0, r1, ROWS_IN_TYPE):
+        sb[:] = 0
+        qb[:] = 0
+        for r in range(b0, min(b0 + ROWS_IN_TYPE, r1)):
+            xr = x[r * C : (r + 1) * C]
             for c in range(C):
                 d = xr[c] - shift[c]
                 sb[c] += d
@@ -65,283 +412,353 @@ def _rows_moments(x, n0, n1, C, mean_k, m2_k):
         for c in range(C):
             s[c] += sb[c]
             q[c] += qb[c]
-    rows = float(n1 - n0)
-    for c in range(C):
-        mean_k[c] = shift[c] + s[c] / rows
-        m2_k[c] = max(q[c] - s[c] * s[c] / rows, 0.0)
-
-
-@njit(parallel=True, fastmath=_FAST, cache=True)
-def _stats_chunks(x, N, C, HW, chunks, cnt, mean, m2):
-    """Per-chunk, per-channel (count, mean, M2) of flat x: cnt (chunks,), mean/m2 (chunks, C)."""
-    for k in prange(chunks):
-        n0, n1 = k * N // chunks, (k + 1) * N // chunks
-        if HW == 1:  # (N, C) rows (2-D input, or channels_last seen as (N*H*W, C))
-            _rows_moments(x, n0, n1, C, mean[k], m2[k])
-            cnt[k] = n1 - n0
-            continue
-        seen = 0.0
-        for n in range(n0, n1):
-            for c in range(C):
-                row = x[(n * C + c) * HW : (n * C + c + 1) * HW]
-                # One pass over the row, shifted by its first value (d is of the order of
-                # the spread, so sum(d^2) - sum(d)^2 / HW does not cancel), in float64.
-                shift = 0.0 + row[0]  # float64: the sums below are float64
-                s, q = 0.0, 0.0
-                for j in range(HW):
-                    d = row[j] - shift
-                    s += d
-                    q += d * d
-                row_mean, row_m2 = shift + s / HW, max(q - s * s / HW, 0.0)
-                # Chan's merge of (seen, mean, m2) with the row's (HW, row_mean, row_m2)
-                _, mean[k, c], m2[k, c] = _merge(seen, mean[k, c], m2[k, c], HW, row_mean, row_m2)
-            seen += HW
-        cnt[k] = seen
-
-
-@njit(cache=True)
-def _merge_chunks(cnt, pmean, pm2, mean, var):
-    """Merge the chunk summaries per channel into float64 mean and biased var (C,)."""
-    chunks, C = pmean.shape
-    for c in range(C):
-        n, mu, q = 0.0, 0.0, 0.0
-        for k in range(chunks):
-            n, mu, q = _merge(n, mu, q, cnt[k], pmean[k, c], pm2[k, c])
-        mean[c] = mu
-        var[c] = q / n
-
-
-@njit(cache=True)
-def _affine_constants(mean, invstd, weight, bias, scale, shift):
-    """y = x * scale + shift: scale = weight * invstd, shift = bias - mean * scale (float64),
-    the form torch's CPU kernel uses, one multiply-add per value."""
-    for c in range(mean.shape[0]):
-        sc = weight[c] * invstd[c]
-        scale[c] = sc
-        shift[c] = bias[c] - mean[c] * sc
-
-
-@njit(cache=True)
-def _train_constants(
-    cnt, pmean, pm2, eps, weight, bias, momentum, rmean, rvar, mean, invstd, scale, shift
-):
-    """The training forward's per-channel step, one serial loop over C (no thread launch):
-    merge the chunk summaries; mean, invstd (float64); scale and shift for y = x * scale +
-    shift (x's type); and, when the running buffers are not empty, PyTorch's update
-    ``running = (1 - momentum) * running + momentum * batch`` in float64 with the unbiased
-    variance. Writes mean, invstd (float64) and scale, shift (x's type), all (C,)."""
-    _merge_chunks(cnt, pmean, pm2, mean, invstd)  # invstd holds the biased variance first
-    unbias = cnt.sum() / (cnt.sum() - 1.0)
-    for c in range(mean.shape[0]):
-        var = invstd[c]
-        invstd[c] = 1.0 / np.sqrt(var + eps)
-        if rmean.shape[0]:
-            rmean[c] = momentum * mean[c] + (1.0 - momentum) * rmean[c]
-            rvar[c] = momentum * (var * unbias) + (1.0 - momentum) * rvar[c]
-    _affine_constants(mean, invstd, weight, bias, scale, shift)
-
-
-@njit(parallel=True, fastmath=_FAST, cache=True)
-def _affine(x, C, HW, scale, shift, relu, y):
-    """y = x * scale + shift per channel, one row per iteration; with ``relu``, values
-    below zero become zero (NaN stays NaN, as torch.relu), in the same loop."""
-    zero = scale.dtype.type(0)  # x's type: a float64 literal would widen the loop
-    if HW == 1:  # (N, C) rows: a row per iteration, vectorized across C
-        for n in prange(x.shape[0] // C):
-            xr, yr = x[n * C : (n + 1) * C], y[n * C : (n + 1) * C]
-            if relu:
-                for c in range(C):
-                    v = xr[c] * scale[c] + shift[c]
-                    yr[c] = zero if v < zero else v
-            else:
-                for c in range(C):
-                    yr[c] = xr[c] * scale[c] + shift[c]
-        return
-    for r in prange(x.shape[0] // HW):
-        c = r % C
-        a, b = scale[c], shift[c]
-        # Row views (not flat indices) let LLVM prove the loop safe to vectorize.
-        xr, yr = x[r * HW : (r + 1) * HW], y[r * HW : (r + 1) * HW]
-        if relu:
-            for j in range(HW):
-                v = xr[j] * a + b
-                yr[j] = zero if v < zero else v
-        else:
-            for j in range(HW):
-                yr[j] = xr[j] * a + b
 
 
 @njit(fastmath=_FAST, cache=True)
-def _rows_backward_sums(x, dy, n0, n1, C, mean, a_k, b_k):
-    """sum(dy) and sum(dy * (x - mean)) per channel over rows n0..n1 of flat (M, C) arrays,
-    ROWS_IN_TYPE rows at a time in the input's type, then in float64."""
-    mu = mean.astype(x.dtype)
-    a, b = np.zeros(C), np.zeros(C)
-    ab, bb = np.zeros_like(mu), np.zeros_like(mu)
-    for b0 in range(n0, n1, ROWS_IN_TYPE):
-        ab[:] = 0.0
-        bb[:] = 0.0
-        for n in range(b0, min(b0 + ROWS_IN_TYPE, n1)):
-            xr, gr = x[n * C : (n + 1) * C], dy[n * C : (n + 1) * C]
+def _rows_normalize(x, y, C, r0, r1, centre, scale, beta, relu):
+    zero = x.dtype.type(0)
+    for r in range(r0, r1):
+        xr, yr = x[r * C : (r + 1) * C], y[r * C : (r + 1) * C]
+        if relu:
+            for c in range(C):
+                v = (xr[c] - centre[c]) * scale[c] + beta[c]
+                yr[c] = zero if v < zero else v
+        else:
+            for c in range(C):
+                yr[c] = (xr[c] - centre[c]) * scale[c] + beta[c]
+
+
+@njit(fastmath=_FAST, cache=True)
+def _rows_grad_sums(x, dy, C, r0, r1, centre, sa, sb):
+    """Add sum(dy) and sum(dy * (x - centre)) over rows r0..r1 to sa, sb (C,) float64."""
+    ab, bb = np.empty(C, x.dtype), np.empty(C, x.dtype)
+    for b0 in range(r0, r1, ROWS_IN_TYPE):
+        ab[:] = 0
+        bb[:] = 0
+        for r in range(b0, min(b0 + ROWS_IN_TYPE, r1)):
+            xr, gr = x[r * C : (r + 1) * C], dy[r * C : (r + 1) * C]
             for c in range(C):
                 g = gr[c]
                 ab[c] += g
-                bb[c] += g * (xr[c] - mu[c])
+                bb[c] += g * (xr[c] - centre[c])
         for c in range(C):
-            a[c] += ab[c]
-            b[c] += bb[c]
-    a_k[:] = a
-    b_k[:] = b
+            sa[c] += ab[c]
+            sb[c] += bb[c]
 
 
-@njit(parallel=True, fastmath=_FAST, cache=True)
-def _backward_reduce_chunks(x, dy, N, C, HW, chunks, mean, pa, pb):
-    """Per-chunk, per-channel sum(dy) and sum(dy * (x - mean)) into pa, pb (chunks, C), float64."""
-    for k in prange(chunks):
-        n0, n1 = k * N // chunks, (k + 1) * N // chunks
-        if HW == 1:
-            _rows_backward_sums(x, dy, n0, n1, C, mean, pa[k], pb[k])
-            continue
-        for n in range(n0, n1):
+@njit(fastmath=_FAST, cache=True)
+def _rows_dx(x, dy, dx, C, r0, r1, centre, k, batch_stats):
+    kx, kg, k0 = k[0], k[1], k[2]
+    if not batch_stats:  # dx = dy * weight * invstd, x unread (see _dx_row)
+        for r in range(r0, r1):
+            gr, out = dy[r * C : (r + 1) * C], dx[r * C : (r + 1) * C]
             for c in range(C):
-                mu = mean[c]
-                base = (n * C + c) * HW
-                xr, gr = x[base : base + HW], dy[base : base + HW]
-                a, b = 0.0, 0.0
-                for j in range(HW):
-                    g = gr[j]
-                    a += g
-                    b += g * (xr[j] - mu)
-                pa[k, c] += a
-                pb[k, c] += b
-
-
-@njit(cache=True)
-def _backward_constants(pa, pb, mean, invstd, weight, count, batch_stats, sums, coef):
-    """Chunk sums -> sums (2, C): sum(dy), sum(dy * x_hat); coef (4, C) for dx (both in
-    the arrays' own types, so float32 results need no conversion afterwards):
-    dx = (dy - a - (x - mean) * b) * scale, a = sum(dy)/m, b = sum(dy * x_hat) * invstd/m,
-    scale = weight * invstd; a = b = 0 for running statistics (``batch_stats`` False)."""
-    chunks, C = pa.shape
-    for c in range(C):
-        sa, sb = 0.0, 0.0
-        for k in range(chunks):
-            sa += pa[k, c]
-            sb += pb[k, c]
-        istd = invstd[c]
-        sums[0, c], sums[1, c] = sa, sb * istd
-        coef[0, c] = mean[c]
-        coef[1, c] = sa / count if batch_stats else 0.0
-        coef[2, c] = sb * istd * istd / count if batch_stats else 0.0
-        coef[3, c] = weight[c] * istd
-
-
-@njit(parallel=True, fastmath=_FAST, cache=True)
-def _backward_dx(x, dy, C, HW, mean, a, b, scale, dx):
-    """dx = (dy - a - (x - mean) * b) * scale per channel, one row per iteration."""
-    if HW == 1:  # (N, C) rows, vectorized across C
-        for n in prange(x.shape[0] // C):
-            lo, hi = n * C, (n + 1) * C
-            xr, gr, dxr = x[lo:hi], dy[lo:hi], dx[lo:hi]
-            for c in range(C):
-                dxr[c] = (gr[c] - a[c] - (xr[c] - mean[c]) * b[c]) * scale[c]
+                out[c] = gr[c] * kg[c]
         return
-    for r in prange(x.shape[0] // HW):
-        c = r % C
-        mu, ac, bc, sc = mean[c], a[c], b[c], scale[c]
-        xr, gr, dxr = x[r * HW : (r + 1) * HW], dy[r * HW : (r + 1) * HW], dx[r * HW : (r + 1) * HW]
-        for j in range(HW):
-            dxr[j] = (gr[j] - ac - (xr[j] - mu) * bc) * sc
+    for r in range(r0, r1):
+        lo, hi = r * C, (r + 1) * C
+        xr, gr, out = x[lo:hi], dy[lo:hi], dx[lo:hi]
+        for c in range(C):
+            out[c] = (xr[c] - centre[c]) * kx[c] + gr[c] * kg[c] + k0[c]
 
 
-def _flat(t: Tensor) -> np.ndarray:
-    return t.detach().reshape(-1).numpy()
+def _train_forward_rows(x, M, C, blocks, w, b, momentum, eps, rmean, rvar, y, mean, invstd):
+    """Training forward of flat (M, C) x into y: ``blocks`` row blocks reduced in parallel
+    (shifted by the first row), their partial sums added, then the blocks normalized."""
+    shift = x[:C].copy()
+    s, q = np.zeros((blocks, C)), np.zeros((blocks, C))
+    for t in prange(blocks):
+        _rows_sums(x, C, t * M // blocks, (t + 1) * M // blocks, shift, s[t], q[t])
+    centre, scale, beta = np.empty(C, x.dtype), np.empty(C, x.dtype), np.empty(C, x.dtype)
+    for c in range(C):
+        _train_constants(
+            c, _column_sum(s, c), _column_sum(q, c), float(shift[c]), float(M), w, b, momentum, eps,
+            rmean, rvar, mean, invstd, centre, scale, beta,
+        )  # fmt: skip
+    for t in prange(blocks):
+        _rows_normalize(x, y, C, t * M // blocks, (t + 1) * M // blocks, centre, scale, beta, False)
 
+
+def _backward_rows(x, dy, M, C, blocks, mean, invstd, w, batch_stats, dx, dgamma, dbeta):
+    """dx, dgamma, dbeta of flat (M, C) x, dy: row blocks reduced in parallel, then dx."""
+    centre = mean.astype(x.dtype)
+    sa, sb = np.zeros((blocks, C)), np.zeros((blocks, C))
+    for t in prange(blocks):
+        _rows_grad_sums(x, dy, C, t * M // blocks, (t + 1) * M // blocks, centre, sa[t], sb[t])
+    k = np.empty((3, C), x.dtype)
+    for c in range(C):
+        _grad_constants(
+            c, _column_sum(sa, c), _column_sum(sb, c), mean, invstd, w, float(M), batch_stats,
+            centre, dgamma, dbeta, k,
+        )  # fmt: skip
+    for t in prange(blocks):
+        _rows_dx(x, dy, dx, C, t * M // blocks, (t + 1) * M // blocks, centre, k, batch_stats)
+
+
+def _eval_forward(x, C, HW, blocks, rmean, rvar, w, b, eps, relu, y, mean, invstd):
+    """y = (x - running_mean) * scale + beta (then ReLU), one pass; mean, invstd (C,)
+    float64 from the running buffers. NCHW: the rows split over ``blocks`` tasks."""
+    centre, scale, beta = np.empty(C, x.dtype), np.empty(C, x.dtype), np.empty(C, x.dtype)
+    for c in range(C):
+        mean[c] = rmean[c]
+        invstd[c] = 1.0 / np.sqrt(float(rvar[c]) + eps)
+        _affine_constants(c, mean[c], invstd[c], w, b, centre, scale, beta)
+    rows = x.shape[0] // C if HW == 1 else x.shape[0] // HW  # rows of (M, C) or (N*C, HW)
+    for t in prange(blocks):
+        r0, r1 = t * rows // blocks, (t + 1) * rows // blocks
+        if HW == 1:
+            _rows_normalize(x, y, C, r0, r1, centre, scale, beta, relu)
+        else:
+            for r in range(r0, r1):
+                c = r % C
+                xr, yr = x[r * HW : (r + 1) * HW], y[r * HW : (r + 1) * HW]
+                _normalize_row(xr, yr, centre[c], scale[c], beta[c], relu)
+
+
+_TRAIN_NCHW = _compiled_twice(_train_forward_nchw)
+_BACKWARD_NCHW = _compiled_twice(_backward_nchw)
+_TRAIN_ROWS = _compiled_twice(_train_forward_rows)
+_BACKWARD_ROWS = _compiled_twice(_backward_rows)
+_EVAL = _compiled_twice(_eval_forward)
+
+
+# ---------------------------------------------------------------------------------
+# The plan: group size, splits, serial or parallel
+# ---------------------------------------------------------------------------------
+
+
+def channel_group(
+    N: int, C: int, HW: int, itemsize: int, streams: int = 1, threads: int = 1,
+    caches: CacheSizes | None = None,
+) -> int:  # fmt: skip
+    """Channels per group for NCHW input: the most whose slab fits L2_SHARE of one core's
+    L2, at least 1, at most ceil(C / threads) (so every thread gets a group).
+
+    A channel's slab is ``streams * N * HW * itemsize`` bytes (streams: 1 for the forward's
+    x, 2 for the backward's x and dy), shared among ``threads`` when a group is split over
+    the batch. When even one channel is larger than the L2 share, a group is one channel:
+    its second pass is then served by the last-level cache if the slab fits a thread's
+    share of it (see :func:`group_fits`), and by main memory otherwise.
+    """
+    caches = caches or cache_sizes()
+    slab = streams * N * HW * itemsize
+    fit = int(L2_SHARE * caches.l2) // max(slab, 1)
+    return max(1, min(fit, -(-C // max(threads, 1))))
+
+
+def group_fits(
+    N: int, C: int, HW: int, itemsize: int, streams: int = 1, threads: int = 1,
+    caches: CacheSizes | None = None,
+) -> str:  # fmt: skip
+    """Where a group's second pass is served from: "L2", "LLC" or "memory"."""
+    caches = caches or cache_sizes()
+    slab = streams * N * HW * itemsize * channel_group(N, C, HW, itemsize, streams, threads, caches)
+    if slab <= L2_SHARE * caches.l2:
+        return "L2"
+    return "LLC" if slab <= L2_SHARE * caches.llc / max(threads, 1) else "memory"
+
+
+@functools.lru_cache(maxsize=256)
+def plan(N: int, C: int, HW: int, itemsize: int, streams: int, threads: int) -> tuple:
+    """(parallel, group, splits) for one call: serial below SERIAL_BELOW_* values; a group
+    size from :func:`channel_group`; splits > 1 only when there are fewer groups than
+    threads (a group is then split over the batch)."""
+    parallel = (
+        N * C * HW >= (SERIAL_BELOW_ROWS if HW == 1 else SERIAL_BELOW_BLOCKED) and threads > 1
+    )
+    threads = threads if parallel else 1
+    group = channel_group(N, C, HW, itemsize, streams, threads)
+    n_groups = -(-C // group)
+    splits = 1 if n_groups >= threads else min(threads, N)
+    if splits > 1:  # each thread holds 1/splits of a group: larger groups fit
+        group = channel_group(max(1, N // splits), C, HW, itemsize, streams, 1)
+    return parallel, group, splits
+
+
+# Tests and notebook 04 may force a plan: (parallel, group, splits), or None for the rule.
+FORCE_PLAN: tuple | None = None
+
+
+def _plan(N, C, HW, itemsize, streams):
+    if FORCE_PLAN is not None:
+        return FORCE_PLAN
+    return plan(N, C, HW, itemsize, streams, numba.get_num_threads())
+
+
+@numba.njit(parallel=dict(PRANGE_ONLY), cache=True)
+def _touch_pool(out):
+    for i in prange(out.shape[0]):
+        out[i] = i
+
+
+def threading_layer() -> str:
+    """The Numba threading layer the parallel kernels run on ("omp", "tbb" or "workqueue").
+
+    Numba loads its pool at the first parallel call; this makes one (a tiny one) if none
+    ran yet, so the answer is the layer in use, not only the one asked for.
+    """
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel region has run yet
+        _touch_pool(np.empty(2))
+        return numba.threading_layer()
+
+
+# ---------------------------------------------------------------------------------
+# Public operations on torch tensors
+# ---------------------------------------------------------------------------------
 
 _DEVICE = ("cpu", "the CPU kernels need CPU tensors: call .cpu() first")
+_NONE = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
 
 
-def _chunks(n: int) -> int:
-    # Two chunks per thread balance the (equal-sized) rows; more would only add merges,
-    # C per chunk, which is what a small input such as (1024, 512) pays for. Never more
-    # chunks than rows of the batch axis.
-    return max(1, min(n, 2 * numba.get_num_threads()))
+def _np(t: Tensor | None, dtype) -> np.ndarray:
+    """A tensor's memory as a flat NumPy array (no copy); an empty array for None."""
+    return _NONE[dtype] if t is None else t.detach().view(-1).numpy()
 
 
-def _moments(x: Tensor, N: int, C: int, HW: int) -> tuple[np.ndarray, np.ndarray]:
-    """float64 per-channel mean and biased variance of x, from the chunked kernels."""
-    k = _chunks(N)
-    cnt, pmean, pm2 = np.zeros(k), np.zeros((k, C)), np.zeros((k, C))
-    _stats_chunks(_flat(x), N, C, HW, k, cnt, pmean, pm2)
-    mean, var = np.empty(C), np.empty(C)
-    _merge_chunks(cnt, pmean, pm2, mean, var)
-    return mean, var
+def _outputs(x: Tensor, C: int):
+    """y like x, and float64 mean and invstd (C,): as tensors and as their NumPy views."""
+    y, mean, invstd = torch.empty_like(x), np.empty(C), np.empty(C)
+    return y, y.view(-1).numpy(), mean, invstd
 
 
-def _vector(t: Tensor | None, c: int, fill: float, dtype=np.float64) -> np.ndarray:
-    """A (C,) parameter as NumPy, or ``fill`` for a missing one (affine=False)."""
-    return np.full(c, fill, dtype) if t is None else t.detach().numpy()
+def _sizes(x: Tensor) -> tuple[int, int, int]:
+    n, c = x.shape[0], x.shape[1]
+    return n, c, x.numel() // (n * c)
 
 
-def _affine_into(x: Tensor, C: int, HW: int, mean, invstd, weight, bias, relu: bool) -> Tensor:
-    """y = x * scale + shift per channel (then ReLU when ``relu``), from float64 (C,) arrays."""
-    scale, shift = np.empty(C), np.empty(C)
-    _affine_constants(mean, invstd, _vector(weight, C, 1.0), _vector(bias, C, 0.0), scale, shift)
-    y = torch.empty_like(x)
-    if x.dtype == torch.float32:  # the inner loop in float32, as torch's
-        scale, shift = scale.astype(np.float32), shift.astype(np.float32)
-    _affine(_flat(x), C, HW, scale, shift, relu, _flat(y))
-    return y
+def _forward_train(x, weight, bias, running_mean, running_var, momentum, eps):
+    N, C, HW = _sizes(x)
+    dt = x.dtype
+    xf, w, b = _np(x, dt), _np(weight, dt), _np(bias, dt)
+    rm, rv = _np(running_mean, dt), _np(running_var, dt)
+    y, yf, mean, invstd = _outputs(x, C)
+    if HW == 1:  # (M, C) rows: 2-D input or the channels_last view
+        parallel, _, _ = _plan(N, C, HW, x.element_size(), 1)
+        blocks = numba.get_num_threads() if parallel else 1
+        kernel = _TRAIN_ROWS[0 if parallel else 1]
+        kernel(xf, N, C, blocks, w, b, momentum, eps, rm, rv, yf, mean, invstd)
+    else:
+        parallel, group, splits = _plan(N, C, HW, x.element_size(), 1)
+        kernel = _TRAIN_NCHW[0 if parallel else 1]
+        kernel(xf, N, C, HW, group, splits, w, b, momentum, eps, rm, rv, yf, mean, invstd)
+    return y, torch.from_numpy(mean), torch.from_numpy(invstd)
+
+
+def _backward(dy, x, mean, invstd, weight, batch_stats):
+    N, C, HW = _sizes(x)
+    dt = x.dtype
+    xf, gf, w = _np(x, dt), _np(dy, dt), _np(weight, dt)
+    m, istd = mean.detach().double().numpy(), invstd.detach().double().numpy()
+    dx = torch.empty_like(x)
+    dgamma, dbeta = np.empty(C, xf.dtype), np.empty(C, xf.dtype)
+    parallel, group, splits = _plan(N, C, HW, x.element_size(), 2)
+    if HW == 1:
+        blocks = numba.get_num_threads() if parallel else 1
+        kernel = _BACKWARD_ROWS[0 if parallel else 1]
+        kernel(xf, gf, N, C, blocks, m, istd, w, batch_stats, dx.view(-1).numpy(), dgamma, dbeta)
+    else:
+        kernel = _BACKWARD_NCHW[0 if parallel else 1]
+        kernel(
+            xf, gf, N, C, HW, group, splits, m, istd, w, batch_stats,
+            dx.view(-1).numpy(), dgamma, dbeta,
+        )  # fmt: skip
+    return dx, torch.from_numpy(dgamma), torch.from_numpy(dbeta)
+
+
+def _forward_eval(x, running_mean, running_var, weight, bias, eps, relu):
+    N, C, HW = _sizes(x)
+    dt = x.dtype
+    y, yf, mean, invstd = _outputs(x, C)
+    parallel, _, _ = _plan(N, C, HW, x.element_size(), 1)
+    rows = N if HW == 1 else N * C
+    blocks = min(numba.get_num_threads(), rows) if parallel else 1
+    rm, rv = running_mean.detach().numpy(), running_var.detach().numpy()
+    kernel = _EVAL[0 if parallel else 1]
+    kernel(
+        _np(x, dt),
+        C,
+        HW,
+        blocks,
+        rm,
+        rv,
+        _np(weight, dt),
+        _np(bias, dt),
+        eps,
+        relu,
+        yf,
+        mean,
+        invstd,
+    )
+    return y, torch.from_numpy(mean), torch.from_numpy(invstd)
+
+
+def forward_train(x, weight, bias, running_mean, running_var, momentum, eps):
+    """Training forward: ``(y, mean, invstd)``; x (N, C, *) contiguous (a channels_last
+    tensor comes as its (rows, C) view), weight/bias (C,) or None, running buffers (C,) or
+    None (updated in place with PyTorch's rule, in float64, unbiased variance); y like x,
+    mean and invstd (C,) float64 (what the backward reads). One compiled call: NCHW reads
+    x from memory once and writes y (2 passes); (M, C) reads x twice (3 passes)."""
+    validate.validate_forward_args(
+        x, eps, _DEVICE, True,
+        weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
+    )  # fmt: skip
+    momentum = 0.0 if momentum is None else float(momentum)  # unused without running buffers
+    return _forward_train(x, weight, bias, running_mean, running_var, momentum, float(eps))
+
+
+def forward_eval(x, running_mean, running_var, weight, bias, eps, relu: bool = False):
+    """Eval forward from the running statistics, ReLU optionally fused: one pass (read x,
+    write y). Returns ``(y, mean, invstd)``, mean and invstd (C,) float64 (a snapshot of
+    the running statistics, which the backward reads)."""
+    validate.validate_forward_args(
+        x, eps, _DEVICE, False,
+        weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
+    )  # fmt: skip
+    return _forward_eval(x, running_mean, running_var, weight, bias, float(eps), bool(relu))
+
+
+def backward_train(dy, x, mean, invstd, weight, batch_stats: bool = True):
+    """``(dx, dgamma, dbeta)``: dx like x, dgamma = sum(dy * x_hat) and dbeta = sum(dy), (C,)
+    in x's type; mean, invstd as forward_train/forward_eval returned them. One compiled
+    call: NCHW reads x and dy once and writes dx (3 passes); (M, C) reads them twice (5).
+    ``batch_stats`` False: the eval-mode gradient (statistics are constants), dx = dy *
+    weight * invstd."""
+    validate.validate_backward_args(dy, x, mean, invstd, weight, _DEVICE)
+    return _backward(dy, x, mean, invstd, weight, bool(batch_stats))
+
+
+# ---------------------------------------------------------------------------------
+# The operations one at a time (notebook 04 and the tests call them): thin wrappers
+# around the same compiled entries.
+# ---------------------------------------------------------------------------------
 
 
 def channel_stats(x: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-channel mean, biased variance and 1/sqrt(var + eps) of x (N, C, *): three (C,)."""
-    N, C, HW = validate.validate_stats_args(x, eps, _DEVICE)
-    mean, var = _moments(x, N, C, HW)
-    invstd = 1.0 / np.sqrt(var + eps)
-    return tuple(torch.from_numpy(v).to(x.dtype) for v in (mean, var, invstd))
+    """Per-channel mean, biased variance and 1/sqrt(var + eps) of x (N, C, *): three (C,)
+    in x's dtype (computed by the training forward's reduction, its output discarded)."""
+    validate.validate_stats_args(x, eps, _DEVICE)
+    _, mean, invstd = _forward_train(x, None, None, None, None, 0.0, float(eps))
+    var = (1.0 / invstd**2 - eps).clamp_(min=0.0)
+    return mean.to(x.dtype), var.to(x.dtype), invstd.to(x.dtype)
 
 
 def normalize(
     x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
 ) -> Tensor:
-    """y = (x - mean) * invstd * weight + bias per channel; x (N, C, *), the rest (C,).
-
-    Computed as x * scale + shift (scale = invstd * weight, shift = bias - mean * scale),
-    the form torch's CPU kernel uses: one multiply-add per value.
-    """
+    """y = (x - mean) * invstd * weight + bias per channel; x (N, C, *), the rest (C,)."""
     C, HW, weight, bias = validate.validate_normalize_args(x, mean, invstd, weight, bias, _DEVICE)
-    mean, invstd = mean.double().numpy(), invstd.double().numpy()
-    return _affine_into(x, C, HW, mean, invstd, weight, bias, False)
+    # the eval kernel computes invstd as 1/sqrt(var + eps): hand it var = 1/invstd^2, eps = 0
+    var = 1.0 / invstd.double() ** 2
+    return _forward_eval(x, mean.double(), var, weight, bias, 0.0, False)[0]
 
 
 def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel sum(dy) and sum(dy * x_hat): two (C,) tensors (dbeta and dgamma)."""
-    N, C, HW = validate.validate_backward_reduce_args(dy, x, mean, invstd, _DEVICE)
-    sums, _ = _backward_sums(
-        dy, x, N, C, HW, mean.double().numpy(), invstd.double().numpy(), None, True
-    )
-    return torch.from_numpy(sums[0]), torch.from_numpy(sums[1])
-
-
-def _backward_sums(dy, x, N, C, HW, mean, invstd, weight, batch_stats: bool):
-    """(sum(dy), sum(dy * x_hat)) as a (2, C) array and dx's coefficients (4, C), x's type."""
-    k = _chunks(N)
-    pa, pb = np.zeros((k, C)), np.zeros((k, C))
-    xf, gf = x.detach().numpy().reshape(-1), dy.detach().numpy().reshape(-1)
-    _backward_reduce_chunks(xf, gf, N, C, HW, k, mean, pa, pb)
-    sums, coef = np.empty((2, C), xf.dtype), np.empty((4, C), xf.dtype)
-    count = float(N * HW)
-    w = _vector(weight, C, 1.0, xf.dtype)
-    _backward_constants(pa, pb, mean, invstd, w, count, batch_stats, sums, coef)
-    return sums, coef
-
-
-def _dx(dy: Tensor, x: Tensor, C: int, HW: int, coef: np.ndarray) -> Tensor:
-    dx = torch.empty_like(x)
-    xf, gf = x.detach().numpy().reshape(-1), dy.detach().numpy().reshape(-1)
-    _backward_dx(xf, gf, C, HW, coef[0], coef[1], coef[2], coef[3], dx.numpy().reshape(-1))
-    return dx
+    validate.validate_backward_reduce_args(dy, x, mean, invstd, _DEVICE)
+    _, dgamma, dbeta = _backward(dy, x, mean, invstd, None, False)
+    return dbeta, dgamma
 
 
 def backward_elementwise(
@@ -357,20 +774,18 @@ def backward_elementwise(
     """dx (N, C, *) by the compact formula; ``count`` is m = N * HW, the values per channel.
 
     With ``sum_dy = sum_dy_xhat = 0`` this is the eval-mode gradient dy * weight * invstd.
+    Elementwise only (its sums are given), so it is computed with torch operations.
     """
-    C, HW, weight = validate.validate_backward_elementwise_args(
+    _, HW, weight = validate.validate_backward_elementwise_args(
         dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, _DEVICE
     )
+    shape = (1, -1) + (1,) * (x.dim() - 2)
     istd = invstd.double()
-    coef = torch.stack(
-        [
-            mean.double(),
-            sum_dy.double() / count,
-            sum_dy_xhat.double() * istd / count,
-            weight.double() * istd,
-        ]
-    )
-    return _dx(dy, x, C, HW, coef.to(x.dtype).numpy())
+    a = (sum_dy.double() / count).view(shape)
+    b = (sum_dy_xhat.double() * istd / count).view(shape)
+    x_c = x.double() - mean.double().view(shape)
+    dx = (dy.double() - a - x_c * b) * (weight.double() * istd).view(shape)
+    return dx.to(x.dtype)
 
 
 def update_running_stats(
@@ -384,73 +799,3 @@ def update_running_stats(
     """In place; a (C,)-sized update, so it is bnlab.nn.functional's (no kernel to gain from)."""
     validate.validate_running(running_mean, running_var, mean, var)
     F.update_running_stats(running_mean, running_var, mean, var, count, momentum)
-
-
-# ---------------------------------------------------------------------------------
-# Fused operations, one call each for the autograd Function (bnlab.kernels.autograd):
-# a forward pass or a backward pass with as few kernel launches and (C,)-sized torch
-# operations as possible, which is what a small input such as (1024, 512) pays for.
-# ---------------------------------------------------------------------------------
-
-
-def forward_train(x, weight, bias, running_mean, running_var, momentum, eps):
-    """Training forward: y, and the (mean, invstd) the backward needs (float64 here).
-
-    The running buffers (or None) are updated in place with PyTorch's rule, computed in
-    float64 like torch's CPU kernel; 3 passes over x: statistics, then read x, write y.
-    """
-    N, C, HW = validate.validate_forward_args(
-        x,
-        eps,
-        _DEVICE,
-        True,
-        weight=weight,
-        bias=bias,
-        running_mean=running_mean,
-        running_var=running_var,
-    )
-    k = _chunks(N)
-    cnt, pmean, pm2 = np.zeros(k), np.zeros((k, C)), np.zeros((k, C))
-    xf = x.detach().numpy().reshape(-1)
-    _stats_chunks(xf, N, C, HW, k, cnt, pmean, pm2)
-    mean, invstd = np.empty(C), np.empty(C)
-    np_dtype = xf.dtype
-    scale, shift = np.empty(C, np_dtype), np.empty(C, np_dtype)
-    w, b = _vector(weight, C, 1.0, np_dtype), _vector(bias, C, 0.0, np_dtype)
-    if running_mean is None:
-        rm = rv = np.empty(0, np_dtype)
-    else:
-        rm, rv = running_mean.numpy(), running_var.numpy()
-    _train_constants(cnt, pmean, pm2, eps, w, b, momentum, rm, rv, mean, invstd, scale, shift)
-    y = torch.empty_like(x)
-    _affine(xf, C, HW, scale, shift, False, y.numpy().reshape(-1))
-    return y, torch.from_numpy(mean), torch.from_numpy(invstd)
-
-
-def forward_eval(x, running_mean, running_var, weight, bias, eps, relu: bool = False):
-    """Eval forward from the running statistics: y = x * scale + shift, and optionally ReLU
-    fused into the same pass (2 passes: read x, write y). Returns y, mean, invstd (float64)."""
-    _, C, HW = validate.validate_forward_args(
-        x,
-        eps,
-        _DEVICE,
-        False,
-        weight=weight,
-        bias=bias,
-        running_mean=running_mean,
-        running_var=running_var,
-    )
-    mean = running_mean.double().numpy().copy()  # a snapshot: the backward reads it later
-    invstd = 1.0 / np.sqrt(running_var.double().numpy() + eps)
-    y = _affine_into(x, C, HW, mean, invstd, weight, bias, relu)
-    return y, torch.from_numpy(mean), torch.from_numpy(invstd)
-
-
-def backward_train(dy, x, mean, invstd, weight, batch_stats: bool = True):
-    """dx, sum(dy * x_hat) (dgamma) and sum(dy) (dbeta) in 5 passes: read x and dy for the
-    two sums, then read x and dy and write dx. ``batch_stats`` False: the eval-mode
-    gradient (statistics are constants), dx = dy * weight * invstd."""
-    N, C, HW = validate.validate_inputs(x, *(() if weight is None else (("weight", weight),)))
-    validate.validate_like(dy, x, "grad_output")
-    sums, coef = _backward_sums(dy, x, N, C, HW, mean.numpy(), invstd.numpy(), weight, batch_stats)
-    return _dx(dy, x, C, HW, coef), torch.from_numpy(sums[1]), torch.from_numpy(sums[0])

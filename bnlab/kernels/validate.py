@@ -173,3 +173,20 @@ def validate_backward_elementwise_args(
     _, c, hw = validate_inputs(x, *vectors, ("sum_dy_xhat", sum_dy_xhat), device=device)
     validate_like(dy, x, "grad_output")
     return c, hw, weight
+
+
+def validate_backward_args(
+    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, device: Device
+) -> tuple[int, int, int]:
+    """A fused backward: x (N, C, *) on ``device``, weight (C,) like x or None, dy like x,
+    mean and invstd (C,) of a float dtype (the forward's float64). Returns (N, C, HW)."""
+    shape = validate_inputs(x, *(() if weight is None else (("weight", weight),)), device=device)
+    validate_like(dy, x, "grad_output")
+    for name, v in (("mean", mean), ("invstd", invstd)):
+        if not isinstance(v, Tensor) or v.shape != (shape[1],) or v.dtype not in DTYPES:
+            got = f"{tuple(v.shape)} {v.dtype}" if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(
+                f"{name} must be a ({shape[1]},) float32/float64 tensor, as the forward returned "
+                f"it (got {got}); pass the forward's {name} unchanged"
+            )
+    return shape

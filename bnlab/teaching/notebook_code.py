@@ -52,6 +52,14 @@ LESSON_DEFINITIONS: dict[str, dict[str, str]] = {
         "scratch_bn": "a post's from-scratch BN function, re-expressed to measure what it does",
         "ScalarBN": "a post's BN class with scalar gamma and beta, re-expressed to measure it",
         "post_fold": "a post's folding formula, re-expressed to test it against fold_bn",
+        "stats_as_constants_bn": "fastai's BN forward with its statistics under no_grad, "
+        "re-expressed: the gradient it gets is the lesson",
+        "stats_differentiated_bn": "the same forward with gradients through the statistics, "
+        "the twin that no_grad version is measured against",
+        "unbiased_batch_normalize": "makemore's training-mode normalization by the unbiased "
+        "variance, re-expressed to measure its factor against torch",
+        "FlaggedBatchNorm1d": "makemore's layer with a plain training flag, re-expressed to "
+        "measure what the flag left in eval mode does",
     },
     "07_fusion": {
         "Branchy": "a model written to be untraceable by torch.fx",

@@ -13,7 +13,8 @@ what they see, and this module owns all three:
   form. :func:`trust` signs the course's own notebooks, as ``jupyter trust`` does.
 - **Clean outputs.** :func:`output_problems` lists what must never be stored: stderr,
   errors, numpy reprs such as ``np.float64(0.107)``, float noise such as
-  ``0.09999999999999999``, a widget's raw text form, an unfinished progress bar.
+  ``0.09999999999999999``, a widget's raw text form, an unfinished progress bar, saved widget
+  state that no output shows (a kernel saves every model it made; :func:`normalize` drops it).
 
 ``python -m bnlab.teaching.notebooks normalize|trust|check [NOTEBOOK ...]`` runs them from the
 Makefile; ``reading-time`` prints each notebook's main-path and deep-dive minutes
@@ -164,6 +165,12 @@ def output_problems(nb: dict) -> list[str]:
             problems += [f"cell {index}: {p}" for p in _one_output_problems(output, state)]
     for model_id in state:
         problems += _saved_widget_problems(state, model_id)
+    stale = set(state) - _shown_models(nb, state)
+    if stale:
+        problems.append(
+            f"{len(stale)} saved widget model(s) that no output shows (stale widget state, e.g. "
+            f"{sorted(stale)[0][:8]}); run `python -m bnlab.teaching.notebooks normalize`"
+        )
     return problems
 
 

@@ -397,6 +397,40 @@ def speedup_bars(
     return ax
 
 
+def floor_bars(
+    medians: dict[str, dict[str, float]],
+    floors: dict[str, float],
+    unblocked: dict[str, float],
+    title: str = "",
+    ax: plt.Axes | None = None,
+) -> plt.Axes:
+    """Each implementation's time against the read/write floor: floor / median per mode.
+
+    medians: impl -> mode -> seconds (a mode an implementation lacks gets no bar); floors
+    and unblocked: mode -> the floor in seconds with channel blocking and without. 1 is the
+    floor reached; the dashed mark is where a kernel moving the unblocked traffic at full
+    bandwidth would stand. Serves notebook 04.
+    """
+    modes = list(floors)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(modes) + 2.5), 3), layout="constrained")
+    width = 0.8 / max(1, len(medians))
+    for i, (impl, by_mode) in enumerate(medians.items()):
+        ys = [floors[m] / by_mode[m] if m in by_mode else float("nan") for m in modes]
+        ax.bar([j + i * width for j in range(len(modes))], ys, width=width, label=impl)
+    ax.axhline(1, color="k", lw=0.8, label="the floor (blocked traffic)")
+    for j, m in enumerate(modes):
+        y = floors[m] / unblocked[m]
+        ax.plot([j - width / 2, j + 0.8 - width / 2], [y, y], "k--", lw=0.8,
+                label="unblocked traffic at full bandwidth" if j == 0 else None)  # fmt: skip
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(modes))], modes, fontsize=8)
+    ax.set_ylabel("floor time / measured time", fontsize=9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
 def _box(ax: plt.Axes, xy: tuple[float, float], text: str, face: str, **kw) -> None:
     ax.text(
         *xy,

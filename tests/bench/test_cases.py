@@ -38,3 +38,35 @@ def test_format_goals_says_met_not_met_and_not_measured():
         {"what": "c", "value": None, "met": False},
     ])  # fmt: skip
     assert text.splitlines() == ["met      a: 2.00", "NOT met  b: 0.50", "NOT met  c: not measured"]
+
+
+def test_cases_from_adds_the_read_write_floor_when_bandwidths_are_given():
+    measured = {"train fwd+bwd": {"torch": _m(2.0), "bnlab kernel": _m(1.0)}}
+    bandwidths = {"read_GBps": 1e-9, "write_GBps": 0.5e-9}  # 1 byte/s read, 0.5 written
+    blocked = cases.cases_from(
+        measured, (1, 2, 3, 4), "contiguous", "cpu", None, bandwidths=bandwidths
+    )
+    kernel = next(c for c in blocked if c["impl"] == "bnlab kernel")
+    nbytes = 24 * 4
+    assert kernel["traffic"] == "blocked"
+    assert kernel["floor_s"] == pytest.approx(
+        3 * nbytes / 1.0 + 2 * nbytes / 0.5
+    )  # 3 reads, 2 writes
+    assert kernel["floor_unblocked_s"] == pytest.approx(6 * nbytes + 2 * nbytes / 0.5)
+    assert kernel["floor_fraction"] == pytest.approx(kernel["floor_s"] / 1.0)
+    rows = cases.cases_from(
+        measured, (1, 2, 3, 4), "channels_last", "cpu", None, bandwidths=bandwidths
+    )
+    assert all(c["traffic"] == "unblocked" and c["floor_s"] == c["floor_unblocked_s"] for c in rows)
+
+
+def test_format_goals_gives_the_bound_of_a_miss_only():
+    text = cases.format_goals([
+        {"what": "a", "value": 2.0, "met": True, "bound": "never shown"},
+        {"what": "b", "value": 0.5, "met": False, "bound": "the floor"},
+    ])  # fmt: skip
+    assert text.splitlines() == [
+        "met      a: 2.00",
+        "NOT met  b: 0.50",
+        "         bound: the floor",
+    ]

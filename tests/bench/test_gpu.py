@@ -135,7 +135,7 @@ def test_run_checks_times_and_writes_the_json_where_asked(tmp_path, capsys):
     path = tmp_path / "out" / "gpu.json"
     facts = {"device_name": "CUDA simulator", "peak_GBps": 50.0, "torch_backend": "Native"}
     status = gpu.run(
-        [((4, 3, 2, 2), "contiguous")], path, repeats=1, number=1, sync=lambda: None,
+        [((4, 3, 2, 2), "contiguous")], path, repeats=1, clock=gpu.HostClock(),
         goal_shape=(4, 3, 2, 2), **facts, **SIM,
     )  # fmt: skip
     assert status == 0
@@ -167,7 +167,9 @@ def test_run_exits_1_naming_the_shape_when_a_check_fails(tmp_path, capsys, monke
     monkeypatch.setattr(autograd, "batch_norm", lambda *a, **k: real(*a, **k) * float("nan"))
     facts = {"device_name": "CUDA simulator", "peak_GBps": 50.0, "torch_backend": "Native"}
     path = tmp_path / "gpu.json"
-    status = gpu.run([((6, 4), "contiguous")], path, repeats=1, **facts, **SIM)
+    status = gpu.run(
+        [((6, 4), "contiguous")], path, repeats=1, clock=gpu.HostClock(), **facts, **SIM
+    )
     assert status == 1
     assert "disagrees with torch at shape (6, 4) contiguous" in capsys.readouterr().err
 
@@ -197,8 +199,78 @@ def test_shape_arguments():
             gpu.parse_shape(bad)
 
 
-def test_peak_bandwidth_is_double_data_rate_times_bus_width(monkeypatch):
+def test_peak_bandwidth_from_the_attributes_else_the_name_table():
+    # H100 SXM: 2619 MHz x 2 x 5120 bits = 3.35 TB/s
+    assert gpu.peak_bandwidth("NVIDIA H100 80GB HBM3", 2_619_000, 5120) == (
+        pytest.approx(3352.3, abs=0.1),
+        "device attributes",
+    )
+    assert gpu.peak_bandwidth("NVIDIA H100 80GB HBM3", None, None) == (3350.0, "name table")
+    assert gpu.peak_bandwidth("NVIDIA H100 PCIe", 0, 5120) == (2000.0, "name table")
+    assert gpu.peak_from_name("NVIDIA H200") == 4800.0
+    assert gpu.peak_from_name("NVIDIA A100-SXM4-80GB") == 2039.0
+    with pytest.raises(ValueError, match="HBM_PEAK_GBPS"):
+        gpu.peak_bandwidth("Some GPU", None, 384)
+
+
+def test_the_peak_attributes_are_read_through_numba(monkeypatch):
     h100_sxm = SimpleNamespace(MEMORY_CLOCK_RATE=2_619_000, GLOBAL_MEMORY_BUS_WIDTH=5120)
     fake = SimpleNamespace(get_current_device=lambda: h100_sxm)
     monkeypatch.setattr(backend, "cuda_module", lambda: fake)
-    assert gpu.gpu_peak_bandwidth() == pytest.approx(3352.3, abs=0.1)  # GB/s: 3.35 TB/s
+    assert gpu._memory_attributes() == (2_619_000, 5120)
+
+
+class FakeClock:
+    """Records the calls; each timing lasts as long as the fake call says it does."""
+
+    def __init__(self):
+        self.log = []
+
+    def flush(self):
+        self.log.append("flush")
+
+    def start(self):
+        return None
+
+    def stop(self, started):
+        return self.log[-1]
+
+    def seconds(self, token):
+        return {"a": 1.0, "b": 3.0}[token[0]] + token[1]
+
+
+def test_timing_is_interleaved_flushed_and_drops_the_warm_up():
+    clock = FakeClock()
+    calls = {"a": 0, "b": 0}
+
+    def call(name):
+        def fn():
+            calls[name] += 1
+            clock.log.append((name, calls[name]))
+
+        return fn
+
+    out = gpu.time_interleaved({"a": call("a"), "b": call("b")}, repeats=3, clock=clock, warmup=2)
+    names = [e[0] for e in clock.log if e != "flush"]
+    assert names == ["a", "b", "b", "a", "a", "b", "b", "a", "a", "b"]  # A B, B A, ...
+    assert clock.log[::2] == ["flush"] * 10  # a flush before every call
+    assert out["a"].times == [4.0, 5.0, 6.0]  # the calls numbered 3-5: warm-up 1-2 dropped
+    assert (out["a"].median, out["b"].median) == (5.0, 7.0)
+    assert out["a"].iqr == pytest.approx(1.0)
+
+
+def test_run_past_its_budget_lists_shapes_as_skipped(tmp_path, capsys):
+    facts = {"device_name": "CUDA simulator", "peak_GBps": 50.0, "torch_backend": "Native"}
+    path = tmp_path / "gpu.json"
+    status = gpu.run([((6, 4), "contiguous")], path, repeats=1, budget_s=0.0, **facts, **SIM)
+    assert status == 0
+    doc = json.loads(path.read_text())
+    assert doc["cases"] == [] and doc["checks"][0]["passed"]
+    assert doc["skipped"] == [{"shape": [6, 4], "layout": "contiguous"}]
+    assert "not timed (past the 0 s budget): (6, 4) contiguous" in capsys.readouterr().out
+
+
+def test_the_goal_shape_is_timed_first_and_moves_more_than_the_l2():
+    assert gpu.SHAPES[0] == (gpu.GOAL_SHAPE, "contiguous")
+    x_bytes = math.prod(gpu.GOAL_SHAPE) * 4
+    assert x_bytes > 3.5 * 50 * 2**20  # x alone is ~4 H100 L2s: every pass reaches HBM

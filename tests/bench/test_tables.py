@@ -56,3 +56,27 @@ def test_make_bench_commits_its_figures_as_one_set_and_a_failure_changes_nothing
     figures = results.load(store)["figures"]
     assert "bench.old" not in figures  # a full run replaces the whole set
     assert {"bench.cpu", "bench.memory", "bench.folding", "bench.gpu"} <= set(figures)
+
+
+def test_a_kernels_only_run_replaces_the_kernel_figures_and_keeps_the_others(tmp_path, monkeypatch):
+    from bnlab.bench import cpu
+    from bnlab.teaching import results
+
+    store = tmp_path / "results.json"
+    old = {"table": "bench", "what": "old", "text": "1", "value": 1, "source": "bench",
+           "recorded": "2025-01-01"}  # fmt: skip
+    figures = {k: dict(old) for k in ("bench.cpu.warm.old", "bench.memory.a", "bench.fold.b")}
+    results.save({"schema": results.SCHEMA, "figures": figures}, store)
+    monkeypatch.setenv(results.RECORD_ENV, "1")
+    monkeypatch.setenv("BNLAB_FAST", "0")
+    monkeypatch.setattr(cpu, "record_cpu", lambda cases, facts: results.record(
+        "bench.cpu.warm.new", 2, "new", table="bench"))  # fmt: skip
+    tables.record_figures([([], {"allocator": "warm"})], [], [], path=store, sections=("kernels",))
+    kept = results.load(store)["figures"]
+    assert set(kept) == {"bench.cpu.warm.new", "bench.memory.a", "bench.fold.b"}
+    assert kept["bench.cpu.warm.new"]["source"] == "bench"
+
+
+def test_only_names_a_section():
+    with pytest.raises(SystemExit):
+        tables.main(["--only", "gpu"])

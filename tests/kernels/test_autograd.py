@@ -53,6 +53,43 @@ def test_forward_mode_is_refused_clearly():
         jvp(m, (x,), (torch.ones_like(x),))
 
 
+def test_forward_mode_is_refused_even_when_nothing_requires_a_gradient():
+    """No parameter requires a gradient: without the check the tangent would come out as
+    zeros, silently. Refused before the module counts the batch."""
+    import torch.autograd.forward_ad as fwAD
+
+    m = A.BatchNorm2d(3, affine=False, backend="cpu")
+    x = torch.randn(4, 3, 2, 2)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        for call in (m, lambda t: A.batch_norm(t, None, None, training=True)):
+            with pytest.raises(RuntimeError, match="no forward-mode derivative"):
+                call(dual)
+        with torch.no_grad(), pytest.raises(RuntimeError, match="no forward-mode derivative"):
+            A.batch_norm_relu(dual, m.running_mean, m.running_var)
+    assert m.num_batches_tracked.item() == 0
+
+
+def test_torch_func_transforms_are_refused_clearly():
+    x = torch.randn(6, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"torch.func transforms.*torch.autograd.grad"):
+        torch.func.grad(lambda t: A.batch_norm(t, None, None, training=True).pow(3).sum())(x)
+
+
+def test_cumulative_average_matches_torch_and_a_refused_batch_is_not_counted():
+    """momentum=None: the kernels read 1 / num_batches_tracked themselves (see ops)."""
+    torch.manual_seed(0)
+    ours, ref = A.BatchNorm2d(3, momentum=None, backend="cpu"), nn.BatchNorm2d(3, momentum=None)
+    for _ in range(3):
+        x = torch.randn(4, 3, 2, 2) * 2 + 1
+        torch.testing.assert_close(ours(x), ref(x))
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ours(torch.randn(1, 3, 1, 1))
+    assert ours.num_batches_tracked.item() == 3
+
+
 from helpers import PROPERTY_SETTINGS, deep_only  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

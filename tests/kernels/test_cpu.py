@@ -118,3 +118,71 @@ def test_bad_inputs_raise_clear_errors():
         K.channel_stats(torch.randn(1, 4))
     with pytest.raises(ValueError, match="backend must be one of"):
         A.batch_norm(x, None, None, training=True, backend="tpu")
+
+
+# --- the channel-blocked kernels: exactness, group sizes, serial and parallel builds
+
+
+def test_constant_channel_comes_out_exactly_beta():
+    """(x - mean) * scale + beta: a constant channel far from zero gives beta itself. The
+    fused x * scale + (beta - mean * scale) cancels there (0.39 away from beta at -1e4)."""
+    x = torch.full((4, 3, 6, 6), -1e4)
+    x[:, 1] = 3.0  # a channel near zero, and one with spread, beside the constant one
+    x[:, 2] = torch.randn(4, 6, 6) + 1e4
+    beta = torch.tensor([-0.5, 0.25, 0.0])
+    for rows in (x, x.permute(0, 2, 3, 1).reshape(-1, 3)):  # NCHW, and the channels_last rows
+        y, mean, _ = K.forward_train(rows, torch.ones(3), beta, None, None, 0.1, 1e-5)
+        assert mean[0].item() == -1e4
+        assert (y[:, 0] - beta[0]).abs().max().item() <= 1e-6
+        assert (y[:, 1] - beta[1]).abs().max().item() <= 1e-6
+    # the fused form on the same channel, its constants in float64 and then rounded to float32
+    scale = 1.0 / torch.sqrt(x[:, 0].double().var(unbiased=False) + 1e-5)
+    shift = beta[0].double() - x[:, 0].double().mean() * scale
+    fused = x[:, 0] * scale.float() + shift.float()
+    assert (fused - beta[0]).abs().max().item() > 0.1
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 3, 4), (6, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_group_sizes_and_serial_or_parallel_builds_give_the_same_numbers(monkeypatch, shape, dtype):
+    """Forced plans: 1 channel per group, 3 (C = 7 is not a multiple), all channels in one
+    group split over the batch, and the serial build; each against torch, and the plans
+    that sum in the same order bit for bit against each other."""
+    x, w, b, dy = _data(shape, dtype, seed=3)
+    rm0, rv0 = torch.randn(shape[1], dtype=dtype), torch.rand(shape[1], dtype=dtype) + 0.5
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    rm_t, rv_t = rm0.clone(), rv0.clone()
+    torch.nn.functional.batch_norm(xs, rm_t, rv_t, ws, bs, True, 0.1, 1e-5).backward(dy)
+    want = (xs.grad, ws.grad, bs.grad)
+    results = {}
+    for plan in [(False, 1, 1), (True, 1, 1), (True, 3, 1), (True, shape[1], 2), (True, 2, 3)]:
+        monkeypatch.setattr(K, "FORCE_PLAN", plan)
+        rm, rv = rm0.clone(), rv0.clone()
+        y, mean, invstd = K.forward_train(x, w, b, rm, rv, 0.1, 1e-5)
+        grads = K.backward_train(dy, x, mean, invstd, w)
+        results[plan] = (y, rm, rv, *grads)
+        ref = torch.nn.functional.batch_norm(x, rm0.clone(), rv0.clone(), w, b, True, 0.1, 1e-5)
+        torch.testing.assert_close(y, ref, rtol=TOL[dtype], atol=TOL[dtype])
+        torch.testing.assert_close(rm, rm_t, rtol=TOL[dtype], atol=TOL[dtype])
+        torch.testing.assert_close(rv, rv_t, rtol=TOL[dtype], atol=TOL[dtype])
+        for got, exp in zip(grads, want, strict=True):
+            torch.testing.assert_close(got, exp, rtol=10 * TOL[dtype], atol=10 * TOL[dtype])
+    if len(shape) == 4:  # unsplit plans sum every channel in the same order: identical results
+        for plan in [(True, 1, 1), (True, 3, 1)]:
+            for got, exp in zip(results[plan], results[(False, 1, 1)], strict=True):
+                assert torch.equal(got, exp), plan
+
+
+def test_the_plan_blocks_channels_by_the_cache_and_goes_serial_when_small():
+    caches = K.cache_sizes()
+    assert caches.l2 > 0 and caches.llc >= caches.l2
+    small_l2 = caches._replace(l2=1 << 20)
+    # 64 KiB per channel: 8 channels fill half of a 1 MiB L2; never more than C / threads
+    assert K.channel_group(16, 64, 1024, 4, 1, 1, small_l2) == 8
+    assert K.channel_group(16, 64, 1024, 4, 2, 1, small_l2) == 4  # x and dy
+    assert K.channel_group(16, 64, 1024, 4, 1, 32, small_l2) == 2
+    assert K.channel_group(1024, 4, 1024, 4, 1, 1, small_l2) == 1  # 4 MiB channels: one each
+    assert K.plan(2, 3, 4, 4, 1, 2)[0] is False  # 24 values: serial
+    parallel, group, splits = K.plan(64, 1, 4096, 4, 1, 2)  # one channel: split over the batch
+    assert parallel and group == 1 and splits == 2
+    assert K.threading_layer() in ("omp", "tbb", "workqueue")

@@ -57,13 +57,86 @@ def test_forward_and_backward_match_torch(shape, dtype):
         torch.testing.assert_close(got, want, rtol=10 * TOL[dtype], atol=10 * TOL[dtype])
 
 
-@pytest.mark.parametrize("split", [2, 3])
-def test_split_statistics_equal_one_block_per_channel(split):
-    x, *_ = _data((3, 2, 5, 5), torch.float64)
-    one = K.channel_stats(x, split=1)
-    many = K.channel_stats(x, split=split)
-    for a, b in zip(one, many, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+def test_channels_last_runs_the_rows_kernels_and_matches_torch():
+    x, w, b, dy = _data((2, 3, 2, 2), torch.float32)
+    x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    outs, grads = [], []
+    for bn, kw in ((torch.nn.functional.batch_norm, {}), (A.batch_norm, {"backend": "cuda"})):
+        xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        out = bn(xs, None, None, ws, bs, True, **kw)
+        out.backward(dy)
+        outs.append(out.detach())
+        grads.append((xs.grad, ws.grad, bs.grad))
+    assert outs[1].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-5, atol=2e-5)
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
+
+
+# (17, 2, 5, 5): planes of 25, blocks of (4, 8) threads, so 3 blocks per channel each get
+# rows; (40, 3): rows, blocks of (4 channels, 8 rows)
+@pytest.mark.parametrize("shape", [(17, 2, 5, 5), (40, 3)])
+def test_split_reductions_merge_to_the_one_block_result(shape):
+    x, _, _, dy = _data(shape, torch.float64)
+    mean, var, invstd = K.channel_stats(x, split=3)
+    ref_mean, ref_var = F.batch_stats(x)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var, ref_var, rtol=1e-12, atol=1e-12)
+    sum_dy, sum_dy_xhat = K.backward_reduce(dy, x, mean, invstd, split=3)
+    dims = [0, *range(2, x.dim())]
+    xhat = (x - ref_mean.view(1, -1, *[1] * (x.dim() - 2))) * invstd.view(
+        1, -1, *[1] * (x.dim() - 2)
+    )
+    torch.testing.assert_close(sum_dy, dy.sum(dims), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sum_dy_xhat, (dy * xhat).sum(dims), rtol=1e-12, atol=1e-12)
+
+
+def test_blocks_of_two_warps_merge_through_the_staging_buffer(monkeypatch):
+    # BLOCK 64 on the simulator: the warps' partials go through shared memory, as on a GPU
+    monkeypatch.setattr(K, "BLOCK", 64)
+    for shape in ((3, 2, 2, 8), (9, 3)):  # planes of 16 (TX 4, TY 16); rows (TX 4, TY 16)
+        x, w, b, dy = _data(shape, torch.float64)
+        y, mean, invstd = K.forward_train(x, w, b, None, None, 0.1, 1e-5)
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        ref = torch.nn.functional.batch_norm(xs, None, None, ws, bs, True)
+        ref.backward(dy)
+        torch.testing.assert_close(y, ref.detach(), rtol=1e-12, atol=1e-12)
+        dx, dgamma, dbeta = K.backward_train(dy, x, mean, invstd, w)
+        for got, want in ((dx, xs.grad), (dgamma, ws.grad), (dbeta, bs.grad)):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_a_constant_channel_normalizes_to_beta_exactly():
+    x = torch.full((4, 2, 3, 3), -1e4, device=DEV)
+    w, b = torch.tensor([1.0, 2.0], device=DEV), torch.tensor([-0.5, 0.25], device=DEV)
+    y, _, _ = K.forward_train(x, w, b, None, None, 0.1, 1e-5)
+    torch.testing.assert_close(y[:, 0], torch.full_like(y[:, 0], -0.5), rtol=0, atol=1e-6)
+    torch.testing.assert_close(y[:, 1], torch.full_like(y[:, 1], 0.25), rtol=0, atol=1e-6)
+
+
+def test_launch_geometry_takes_the_channel_from_the_grid(monkeypatch):
+    monkeypatch.setattr(K, "SIMULATOR", False)
+    monkeypatch.setattr(K, "BLOCK", 256)
+    assert K.plane_block(56 * 56) == (256, 1)  # a row of 3136 read 4 loads at a time
+    assert K.plane_block(7 * 7) == (8, 32)
+    assert K.rows_block(256) == (32, 8) and K.rows_block(3) == (4, 64)
+    # (64, 256, 56, 56): 4 blocks per channel, 1024 in all; C = 64: 16 per channel
+    assert K.reduction_split(64, 3136, 256, 1) == 4
+    assert K.reduction_split(32, 3136, 64, 1) == 16
+    assert K.reduction_split(8, 4, 256, 1) == 1  # too little work to split
+    assert K.elementwise_split(64, 256, 1) == 16
+
+
+def test_a_training_fwd_bwd_converts_few_arrays():
+    x, w, b, dy = _data((3, 2, 5, 5), torch.float32)
+    rm, rv = torch.zeros(2, device=DEV), torch.ones(2, device=DEV)
+    before = K.CONVERSIONS["count"]
+    y, mean, invstd = K.forward_train(x, w, b, rm, rv, 0.1, 1e-5)
+    K.backward_train(dy, x, mean, invstd, w)
+    # forward: work, running mean and var, x, weight, bias, y; backward: x, dy, mean, invstd,
+    # work, weight, dx (31 before the kernels shared their work arrays). On a GPU the arrays
+    # of weight, bias and the running buffers are cached: 9 conversions after the first call.
+    assert K.CONVERSIONS["count"] - before == 14
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -127,15 +200,25 @@ def ptx_report():
 
 def test_every_kernel_compiles_to_ptx_for_sm90_without_f64_in_float32(ptx_report):
     kernels = set(K.sources())
-    assert {(r["kernel"], r["dtype"]) for r in ptx_report} == {
+    rows = [r for r in ptx_report if not r["control"]]
+    assert {(r["kernel"], r["dtype"]) for r in rows} == {
         (k, d) for k in kernels for d in ("float32", "float64")
     }
-    for r in ptx_report:
+    for r in rows:
         assert r["entry"], r["kernel"]
-        if r["dtype"] == "float32":
-            assert r["f64"] == [], (r["kernel"], r["f64"][:3])
+        if r["dtype"] == "float32":  # the signature that runs: eps and momentum float32
+            assert r["f64"] == [] and r["f64_sqrt_div"] == [], (r["kernel"], r["f64"][:3])
         else:  # the detector does see float64 arithmetic when it is there
             assert r["f64"], r["kernel"]
+        # no per-element 64-bit division: at most the strided loop's trip count, once
+        assert len(r["int64_div"]) <= 1, (r["kernel"], r["int64_div"])
+        reduces = r["kernel"].startswith(("channel_stats", "backward_reduce", "merge_"))
+        assert (r["shfl"] > 0) == reduces, r["kernel"]  # warp shuffles in every reduction
+        assert r["bar"] <= 1, r["kernel"]  # one barrier per block (the tree had log2(256))
+    # the control: eps passed as a Python float makes the float32 sqrt and divide f64
+    (control,) = [r for r in ptx_report if r["control"]]
+    assert control["f64_sqrt_div"] and control["kernel"] == "channel_stats"
+    assert control["dtype"] != "float32"  # readers that check every "float32" row skip it
 
 
 def test_simulator_requested_too_late_is_a_clear_error():

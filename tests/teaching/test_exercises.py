@@ -337,6 +337,7 @@ WRONG = {
         ex.TRAFFIC_ONE_READ: lambda shape, itemsize: 2 * math.prod(shape) * itemsize,
         ex.TRAFFIC_UNFUSED: lambda shape, itemsize: 7 * math.prod(shape) * itemsize,
         ex.TRAFFIC_ELEMENTS_NOT_BYTES: lambda shape, itemsize: 3 * math.prod(shape),
+        ex.TRAFFIC_BELOW_MINIMUM: lambda shape, itemsize: math.prod(shape) * itemsize,
     },
     ex.check_t_interval: {
         ex.Z_INSTEAD_OF_T: interval_with("z"),
@@ -868,6 +869,21 @@ def test_each_section_to_reread_is_a_heading_of_its_notebook():
         "lenet_with_bn",  # names the layer that is wrong
         "fold_into_next_linear",
     } <= set(ex.SECTIONS)
+
+
+def test_the_bytes_checker_refuses_any_count_below_the_minimum_and_never_gives_the_answer():
+    def passes(k, extra=0):
+        return lambda shape, itemsize: k * math.prod(shape) * itemsize + extra
+
+    assert ex.check_train_forward_bytes(passes(3, extra=4 * 32)).passed  # (C,) vectors on top
+    for wrong in (passes(3, extra=-1), passes(2.5), passes(2), passes(1), passes(4), passes(7)):
+        result = ex.check_train_forward_bytes(wrong)
+        assert not result.passed
+        answer = str(3 * 64 * 32 * 28 * 28 * 4)
+        assert "3 passes" not in result.message and answer not in result.message
+    below = ex.check_train_forward_bytes(passes(3, extra=-1)).message
+    assert "below the minimum" in below and "no cache reuse" in below
+    assert "reread the section" in ex.check_train_forward_bytes(passes(4)).message
 
 
 def test_garbled_messages_are_fixed():

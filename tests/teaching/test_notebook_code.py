@@ -29,7 +29,9 @@ def test_every_allowed_definition_exists_in_its_notebook():
     for stem, names in notebook_code.LESSON_DEFINITIONS.items():
         text = stems[stem].read_text()
         for name in names:
-            assert f"def {name}(" in text or f"class {name}(" in text, (stem, name)
+            assert any(
+                f"{kind} {name}{end}" in text for kind, end in [("def", "("), ("class", "("), ("class", ":")]
+            ), (stem, name)
 
 
 def test_own_loops_hooks_walks_and_definitions_are_found():

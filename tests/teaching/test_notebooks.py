@@ -235,3 +235,20 @@ def test_normalize_drops_saved_widget_models_that_no_output_shows():
     nb = notebooks.normalize(notebook(view, state=state))
     assert set(notebooks.widget_state(nb)) == shown  # the bar and the models it references
     assert notebooks.output_problems(nb) == []
+
+
+def test_stale_widget_state_that_no_output_shows_is_caught():
+    """A kernel saves every widget model it made, e.g. a finished bar whose output was cleared."""
+    view = nbformat.v4.new_output(
+        "display_data",
+        {notebooks.WIDGET_VIEW: {"model_id": "box"}, "text/plain": "epochs:   0%|  | 0/3"},
+    )
+    nb = notebooks.normalize(notebook(view, state=tqdm_state(3, 3)))
+    assert notebooks.output_problems(nb) == []
+    notebooks.widget_state(nb)["orphan"] = {
+        "model_name": "HTMLModel",
+        "state": {"value": "7: 100%"},
+    }
+    problems = notebooks.output_problems(nb)
+    assert len(problems) == 1 and "1 saved widget model(s) that no output shows" in problems[0]
+    assert notebooks.output_problems(notebooks.normalize(nb)) == []
