@@ -171,8 +171,11 @@ notebooks: data
 
 # The full runs (make notebooks, make bench) write results/results.json; the README's
 # results tables are generated from it. BENCH_JSON=path also writes every case as JSON.
+# BENCH_ARGS="--only kernels" times the BatchNorm kernels alone (minutes), keeping the
+# store's memory and folding figures.
+BENCH_ARGS ?=
 bench: setup
-	BNLAB_RECORD=1 $(PY) -m bnlab.bench $(if $(BENCH_JSON),--json $(BENCH_JSON))
+	BNLAB_RECORD=1 $(PY) -m bnlab.bench $(BENCH_ARGS) $(if $(BENCH_JSON),--json $(BENCH_JSON))
 	$(PY) -m bnlab.teaching.results readme
 
 # The Numba CUDA kernels against torch/cuDNN on a CUDA GPU: checked, then timed (under 5

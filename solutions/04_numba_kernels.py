@@ -28,8 +28,9 @@ def welford_update(state, x):
 
 
 def train_forward_bytes(shape, itemsize):
-    """Minimum memory traffic of a training forward over x larger than on-chip memory:
-    read x for the statistics, read it again to normalize, write y: 3 passes."""
+    """Minimum memory traffic of a training forward with no cache reuse (every pass over x
+    streams from memory): read x for the statistics, read it again to normalize, write y:
+    3 passes."""
     return 3 * math.prod(shape) * itemsize
 
 

@@ -674,6 +674,17 @@ def stored_kernel_table(data: dict) -> list[dict]:
     return rows
 
 
+def stored_floor_case(data: dict) -> dict | None:
+    """The warm allocator's large-shape entry :func:`record_cpu` stored, when it holds the
+    floors (``floor_s``, ``floor_unblocked_s``, ``medians``); None for an older store.
+    Notebook 04 draws it against the read/write floor."""
+    figures = data["figures"]
+    machine = figures.get("bench.cpu.warm.machine", {}).get("value", {})
+    key = "x".join(map(str, machine.get("large_shape") or ()))
+    entry = figures.get(f"bench.cpu.warm.{key}", {}).get("value", {})
+    return entry if entry.get("floor_s") else None
+
+
 def format_stored_table(data: dict) -> str:
     """What notebook 04 prints from the store: each allocator's machine line, the ratio of
     torch's median time to the kernel's per case and mode, the kernel's ratio to

@@ -198,67 +198,76 @@ def _dx_row(row, grad, out, centre, k_x, k_dy, k_0):
 
 
 # ---------------------------------------------------------------------------------
-# Per-channel constants, in float64, from the sums. Inlined, like the row pieces: a call
-# between compiled functions passes each array as 7 values and counts its references,
-# which per channel (C = 512) would cost more than the arithmetic.
+# Per-channel constants, in float64, from the partial sums: one call per group of
+# channels, looping over them. (Called once per channel, even inlined, the same code
+# took ~0.2 us per channel, 100 us at C = 512, more than the whole (1024, 512) forward's
+# memory traffic; as one loop it takes ~10 us.)
 # ---------------------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
-def _column_sum(partial, c):
-    """partial[:, c].sum() of the per-block partial sums, without making a view."""
-    total = 0.0
-    for t in range(partial.shape[0]):
-        total += partial[t, c]
-    return total
-
-
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _train_constants(
-    c, s, q, shift, count, w, b, momentum, eps, rmean, rvar, mean, invstd, centre, scale, beta
+    c0, c1, s, q, shift, count, w, b, momentum, eps, rmean, rvar, mean, invstd, centre, scale, beta
 ):
-    """Channel c's mean and invstd from the shifted sums s = sum(d), q = sum(d^2) over
-    ``count`` values; PyTorch's running update (unbiased variance) when the buffers are
-    not empty; and the normalize constants in x's type: centre (the mean rounded to x's
-    type), scale = weight * invstd, beta = bias - (mean - centre) * scale."""
-    d_mean = s / count
-    var = max(q / count - d_mean * d_mean, 0.0)
-    mu = shift + d_mean
-    istd = 1.0 / np.sqrt(var + eps)
-    mean[c], invstd[c] = mu, istd
-    if rmean.shape[0]:
-        rmean[c] = momentum * mu + (1.0 - momentum) * rmean[c]
-        rvar[c] = momentum * (var * count / (count - 1.0)) + (1.0 - momentum) * rvar[c]
-    _affine_constants(c, mu, istd, w, b, centre, scale, beta)
+    """Channels c0..c1: mean and invstd from the shifted sums s = sum(d), q = sum(d^2) over
+    ``count`` values (s, q (parts, C): the columns' partial sums are added here);
+    PyTorch's running update (unbiased variance) when the buffers are not empty; and the
+    normalize constants in x's type (_affine_constants)."""
+    for c in range(c0, c1):
+        sc, qc = 0.0, 0.0
+        for t in range(s.shape[0]):
+            sc += s[t, c]
+            qc += q[t, c]
+        d_mean = sc / count
+        var = max(qc / count - d_mean * d_mean, 0.0)
+        mu = float(shift[c]) + d_mean
+        istd = 1.0 / np.sqrt(var + eps)
+        mean[c] = mu
+        invstd[c] = istd
+        if rmean.shape[0]:
+            rmean[c] = momentum * mu + (1.0 - momentum) * rmean[c]
+            rvar[c] = momentum * (var * count / (count - 1.0)) + (1.0 - momentum) * rvar[c]
+        _affine_constants(c, mu, istd, w, b, centre, scale, beta)
 
 
 @njit(cache=True, inline="always")
 def _affine_constants(c, mu, istd, w, b, centre, scale, beta):
-    """centre[c], scale[c], beta[c] (x's type) for y = (x - centre) * scale + beta; an empty
-    w or b stands for ones or zeros (affine=False)."""
+    """centre[c], scale[c], beta[c] (x's type) for y = (x - centre) * scale + beta: centre
+    is the mean rounded to x's type, scale = weight * invstd, and beta = bias - (mean -
+    centre) * scale takes the rounding's remainder; an empty w or b stands for ones or
+    zeros (affine=False)."""
     sc = (w[c] if w.shape[0] else 1.0) * istd
     centre[c] = mu
     scale[c] = sc
     beta[c] = (b[c] if b.shape[0] else 0.0) - (mu - centre[c]) * sc
 
 
-@njit(cache=True, inline="always")
-def _grad_constants(c, sa, sb, mean, invstd, w, count, batch_stats, centre, dgamma, dbeta, k):
-    """From sa = sum(dy), sb = sum(dy * (x - centre)): dbeta[c], dgamma[c], and k[:, c] =
-    (k_x, k_dy, k_0) with dx = (x - centre) * k_x + dy * k_dy + k_0, which is
-    (dy - sum(dy)/m - x_hat * sum(dy * x_hat)/m) * weight * invstd; for running
-    statistics (batch_stats False) dx = dy * weight * invstd."""
-    istd = invstd[c]
-    sxh = (sb - (mean[c] - centre[c]) * sa) * istd  # sum(dy * x_hat), exact centre
-    dbeta[c], dgamma[c] = sa, sxh
-    sc = (w[c] if w.shape[0] else 1.0) * istd
-    if batch_stats:
-        kb = sxh * istd / count
-        k[0, c] = -kb * sc
-        k[1, c] = sc
-        k[2, c] = (-sa / count + kb * (mean[c] - centre[c])) * sc
-    else:
-        k[0, c], k[1, c], k[2, c] = 0.0, sc, 0.0
+@njit(cache=True)
+def _grad_constants(c0, c1, sa, sb, mean, invstd, w, count, batch_stats, centre, dgamma, dbeta, k):
+    """Channels c0..c1, from the partial sums sa = sum(dy), sb = sum(dy * (x - centre))
+    ((parts, C), added here): dbeta[c], dgamma[c], and k[:, c] = (k_x, k_dy, k_0) with
+    dx = (x - centre) * k_x + dy * k_dy + k_0, which is (dy - sum(dy)/m - x_hat *
+    sum(dy * x_hat)/m) * weight * invstd; for running statistics (batch_stats False)
+    dx = dy * weight * invstd."""
+    for c in range(c0, c1):
+        a, bsum = 0.0, 0.0
+        for t in range(sa.shape[0]):
+            a += sa[t, c]
+            bsum += sb[t, c]
+        istd = invstd[c]
+        sxh = (bsum - (mean[c] - centre[c]) * a) * istd  # sum(dy * x_hat), exact centre
+        dbeta[c] = a
+        dgamma[c] = sxh
+        sc = (w[c] if w.shape[0] else 1.0) * istd
+        if batch_stats:
+            kb = sxh * istd / count
+            k[0, c] = -kb * sc
+            k[1, c] = sc
+            k[2, c] = (-a / count + kb * (mean[c] - centre[c])) * sc
+        else:
+            k[0, c] = 0.0
+            k[1, c] = sc
+            k[2, c] = 0.0
 
 
 # ---------------------------------------------------------------------------------
@@ -268,13 +277,21 @@ def _grad_constants(c, sa, sb, mean, invstd, w, count, batch_stats, centre, dgam
 
 @njit(fastmath=_FAST, cache=True)
 def _group_sums(x, C, HW, c0, c1, n0, n1, shift, s, q):
-    """Add the shifted sums of rows n0..n1 of channels c0..c1 to s, q (C,), in memory order."""
+    """Add the shifted sums of rows n0..n1 of channels c0..c1 to s, q (C,), in memory order.
+
+    The sums gather in arrays of this call's own and reach s, q once, at the end: threads
+    that wrote their neighbours' entries of one shared array row after row would pass the
+    cache line holding both back and forth (false sharing)."""
+    ls, lq = np.zeros(c1 - c0), np.zeros(c1 - c0)
     for n in range(n0, n1):
         for c in range(c0, c1):
             base = (n * C + c) * HW
             rs, rq = _row_sums(x[base : base + HW], shift[c])
-            s[c] += rs
-            q[c] += rq
+            ls[c - c0] += rs
+            lq[c - c0] += rq
+    for c in range(c0, c1):
+        s[c] += ls[c - c0]
+        q[c] += lq[c - c0]
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -289,12 +306,18 @@ def _group_normalize(x, y, C, HW, c0, c1, n0, n1, centre, scale, beta, relu):
 
 @njit(fastmath=_FAST, cache=True)
 def _group_grad_sums(x, dy, C, HW, c0, c1, n0, n1, centre, sa, sb):
+    """Add sum(dy), sum(dy * (x - centre)) of rows n0..n1 of channels c0..c1 to sa, sb (C,),
+    gathered in arrays of this call's own first (see _group_sums)."""
+    la, lb = np.zeros(c1 - c0), np.zeros(c1 - c0)
     for n in range(n0, n1):
         for c in range(c0, c1):
             base = (n * C + c) * HW
             a, b = _row_grad_sums(x[base : base + HW], dy[base : base + HW], centre[c])
-            sa[c] += a
-            sb[c] += b
+            la[c - c0] += a
+            lb[c - c0] += b
+    for c in range(c0, c1):
+        sa[c] += la[c - c0]
+        sb[c] += lb[c - c0]
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -325,20 +348,18 @@ def _train_forward_nchw(
     tasks that reduce, merge, then normalize the rows they reduced."""
     shift = np.empty(C, x.dtype)
     _first_row_shifts(x, C, HW, shift)
-    shift64 = shift.astype(np.float64)
     centre, scale, beta = np.empty(C, x.dtype), np.empty(C, x.dtype), np.empty(C, x.dtype)
     count = float(N * HW)
     n_groups = (C + group - 1) // group
     if splits == 1:
-        s, q = np.zeros(C), np.zeros(C)
+        s, q = np.zeros((1, C)), np.zeros((1, C))
         for g in prange(n_groups):
             c0, c1 = g * group, min(C, (g + 1) * group)
-            _group_sums(x, C, HW, c0, c1, 0, N, shift, s, q)
-            for c in range(c0, c1):
-                _train_constants(
-                    c, s[c], q[c], shift64[c], count, w, b, momentum, eps,
-                    rmean, rvar, mean, invstd, centre, scale, beta,
-                )  # fmt: skip
+            _group_sums(x, C, HW, c0, c1, 0, N, shift, s[0], q[0])
+            _train_constants(
+                c0, c1, s, q, shift, count, w, b, momentum, eps,
+                rmean, rvar, mean, invstd, centre, scale, beta,
+            )  # fmt: skip
             _group_normalize(x, y, C, HW, c0, c1, 0, N, centre, scale, beta, False)
         return
     s, q = np.zeros((splits, C)), np.zeros((splits, C))
@@ -346,11 +367,10 @@ def _train_forward_nchw(
         c0, c1 = g * group, min(C, (g + 1) * group)
         for k in prange(splits):
             _group_sums(x, C, HW, c0, c1, k * N // splits, (k + 1) * N // splits, shift, s[k], q[k])
-        for c in range(c0, c1):
-            _train_constants(
-                c, _column_sum(s, c), _column_sum(q, c), shift64[c], count, w, b, momentum, eps,
-                rmean, rvar, mean, invstd, centre, scale, beta,
-            )  # fmt: skip
+        _train_constants(
+            c0, c1, s, q, shift, count, w, b, momentum, eps,
+            rmean, rvar, mean, invstd, centre, scale, beta,
+        )  # fmt: skip
         for k in prange(splits):
             n0, n1 = k * N // splits, (k + 1) * N // splits
             _group_normalize(x, y, C, HW, c0, c1, n0, n1, centre, scale, beta, False)
@@ -364,14 +384,13 @@ def _backward_nchw(x, dy, N, C, HW, group, splits, mean, invstd, w, batch_stats,
     count = float(N * HW)
     n_groups = (C + group - 1) // group
     if splits == 1:
-        sa, sb = np.zeros(C), np.zeros(C)
+        sa, sb = np.zeros((1, C)), np.zeros((1, C))
         for g in prange(n_groups):
             c0, c1 = g * group, min(C, (g + 1) * group)
-            _group_grad_sums(x, dy, C, HW, c0, c1, 0, N, centre, sa, sb)
-            for c in range(c0, c1):
-                _grad_constants(
-                    c, sa[c], sb[c], mean, invstd, w, count, batch_stats, centre, dgamma, dbeta, k
-                )
+            _group_grad_sums(x, dy, C, HW, c0, c1, 0, N, centre, sa[0], sb[0])
+            _grad_constants(
+                c0, c1, sa, sb, mean, invstd, w, count, batch_stats, centre, dgamma, dbeta, k
+            )
             _group_dx(x, dy, dx, C, HW, c0, c1, 0, N, centre, k)
         return
     sa, sb = np.zeros((splits, C)), np.zeros((splits, C))
@@ -380,11 +399,9 @@ def _backward_nchw(x, dy, N, C, HW, group, splits, mean, invstd, w, batch_stats,
         for t in prange(splits):
             n0, n1 = t * N // splits, (t + 1) * N // splits
             _group_grad_sums(x, dy, C, HW, c0, c1, n0, n1, centre, sa[t], sb[t])
-        for c in range(c0, c1):
-            _grad_constants(
-                c, _column_sum(sa, c), _column_sum(sb, c), mean, invstd, w, count, batch_stats,
-                centre, dgamma, dbeta, k,
-            )  # fmt: skip
+        _grad_constants(
+            c0, c1, sa, sb, mean, invstd, w, count, batch_stats, centre, dgamma, dbeta, k
+        )
         for t in prange(splits):
             n0, n1 = t * N // splits, (t + 1) * N // splits
             _group_dx(x, dy, dx, C, HW, c0, c1, n0, n1, centre, k)
@@ -398,8 +415,12 @@ def _backward_nchw(x, dy, N, C, HW, group, splits, mean, invstd, w, batch_stats,
 @njit(fastmath=_FAST, cache=True)
 def _rows_sums(x, C, r0, r1, shift, s, q):
     """Add sum(d), sum(d^2) of d = x[r] - shift over rows r0..r1 of flat (M, C) x to s, q
-    (C,) float64: ROWS_IN_TYPE rows at a time in x's type, vectorized across C."""
+    (C,) float64: ROWS_IN_TYPE rows at a time in x's type, vectorized across C, into float64
+    arrays of this call's own, added to s, q at the end. (Each thread has its row of a
+    shared (threads, C) array; adding into it every ROWS_IN_TYPE rows, two threads would
+    pass the cache line their rows share back and forth: twice the time at (100352, 64).)"""
     sb, qb = np.empty(C, x.dtype), np.empty(C, x.dtype)
+    s64, q64 = np.zeros(C), np.zeros(C)
     for b0 in range(r0, r1, ROWS_IN_TYPE):
         sb[:] = 0
         qb[:] = 0
@@ -410,8 +431,11 @@ def _rows_sums(x, C, r0, r1, shift, s, q):
                 sb[c] += d
                 qb[c] += d * d
         for c in range(C):
-            s[c] += sb[c]
-            q[c] += qb[c]
+            s64[c] += sb[c]
+            q64[c] += qb[c]
+    for c in range(C):
+        s[c] += s64[c]
+        q[c] += q64[c]
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -430,8 +454,10 @@ def _rows_normalize(x, y, C, r0, r1, centre, scale, beta, relu):
 
 @njit(fastmath=_FAST, cache=True)
 def _rows_grad_sums(x, dy, C, r0, r1, centre, sa, sb):
-    """Add sum(dy) and sum(dy * (x - centre)) over rows r0..r1 to sa, sb (C,) float64."""
+    """Add sum(dy) and sum(dy * (x - centre)) over rows r0..r1 to sa, sb (C,) float64,
+    through arrays of this call's own (see _rows_sums)."""
     ab, bb = np.empty(C, x.dtype), np.empty(C, x.dtype)
+    a64, b64 = np.zeros(C), np.zeros(C)
     for b0 in range(r0, r1, ROWS_IN_TYPE):
         ab[:] = 0
         bb[:] = 0
@@ -442,8 +468,11 @@ def _rows_grad_sums(x, dy, C, r0, r1, centre, sa, sb):
                 ab[c] += g
                 bb[c] += g * (xr[c] - centre[c])
         for c in range(C):
-            sa[c] += ab[c]
-            sb[c] += bb[c]
+            a64[c] += ab[c]
+            b64[c] += bb[c]
+    for c in range(C):
+        sa[c] += a64[c]
+        sb[c] += b64[c]
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -470,11 +499,10 @@ def _train_forward_rows(x, M, C, blocks, w, b, momentum, eps, rmean, rvar, y, me
     for t in prange(blocks):
         _rows_sums(x, C, t * M // blocks, (t + 1) * M // blocks, shift, s[t], q[t])
     centre, scale, beta = np.empty(C, x.dtype), np.empty(C, x.dtype), np.empty(C, x.dtype)
-    for c in range(C):
-        _train_constants(
-            c, _column_sum(s, c), _column_sum(q, c), float(shift[c]), float(M), w, b, momentum, eps,
-            rmean, rvar, mean, invstd, centre, scale, beta,
-        )  # fmt: skip
+    _train_constants(
+        0, C, s, q, shift, float(M), w, b, momentum, eps,
+        rmean, rvar, mean, invstd, centre, scale, beta,
+    )  # fmt: skip
     for t in prange(blocks):
         _rows_normalize(x, y, C, t * M // blocks, (t + 1) * M // blocks, centre, scale, beta, False)
 
@@ -486,11 +514,7 @@ def _backward_rows(x, dy, M, C, blocks, mean, invstd, w, batch_stats, dx, dgamma
     for t in prange(blocks):
         _rows_grad_sums(x, dy, C, t * M // blocks, (t + 1) * M // blocks, centre, sa[t], sb[t])
     k = np.empty((3, C), x.dtype)
-    for c in range(C):
-        _grad_constants(
-            c, _column_sum(sa, c), _column_sum(sb, c), mean, invstd, w, float(M), batch_stats,
-            centre, dgamma, dbeta, k,
-        )  # fmt: skip
+    _grad_constants(0, C, sa, sb, mean, invstd, w, float(M), batch_stats, centre, dgamma, dbeta, k)
     for t in prange(blocks):
         _rows_dx(x, dy, dx, C, t * M // blocks, (t + 1) * M // blocks, centre, k, batch_stats)
 
@@ -579,12 +603,6 @@ def plan(N: int, C: int, HW: int, itemsize: int, streams: int, threads: int) -> 
 FORCE_PLAN: tuple | None = None
 
 
-def _plan(N, C, HW, itemsize, streams):
-    if FORCE_PLAN is not None:
-        return FORCE_PLAN
-    return plan(N, C, HW, itemsize, streams, numba.get_num_threads())
-
-
 @numba.njit(parallel=dict(PRANGE_ONLY), cache=True)
 def _touch_pool(out):
     for i in prange(out.shape[0]):
@@ -613,84 +631,76 @@ _NONE = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.f
 
 
 def _np(t: Tensor | None, dtype) -> np.ndarray:
-    """A tensor's memory as a flat NumPy array (no copy); an empty array for None."""
-    return _NONE[dtype] if t is None else t.detach().view(-1).numpy()
+    """A (C,) tensor's memory as a NumPy array (no copy); an empty array for None."""
+    return _NONE[dtype] if t is None else t.detach().numpy()
 
 
-def _outputs(x: Tensor, C: int):
-    """y like x, and float64 mean and invstd (C,): as tensors and as their NumPy views."""
-    y, mean, invstd = torch.empty_like(x), np.empty(C), np.empty(C)
-    return y, y.view(-1).numpy(), mean, invstd
+def _flat(t: Tensor) -> np.ndarray:
+    """A contiguous tensor's memory as a flat NumPy array (no copy)."""
+    return t.detach().numpy().reshape(-1)
 
 
-def _sizes(x: Tensor) -> tuple[int, int, int]:
-    n, c = x.shape[0], x.shape[1]
-    return n, c, x.numel() // (n * c)
+def _launch(N, C, HW, itemsize, streams):
+    """(compiled variant: 0 parallel or 1 serial, group, splits, row blocks) for one call:
+    the plan (or FORCE_PLAN), with the thread count read once."""
+    threads = numba.get_num_threads()
+    if FORCE_PLAN is not None:
+        parallel, group, splits = FORCE_PLAN
+    else:
+        parallel, group, splits = plan(N, C, HW, itemsize, streams, threads)
+    if not parallel:
+        return 1, group, splits, 1
+    rows = N if HW == 1 else N * C  # rows of (M, C), or of (N * C, HW) for the eval pass
+    return 0, group, splits, min(threads, rows)
 
 
 def _forward_train(x, weight, bias, running_mean, running_var, momentum, eps):
-    N, C, HW = _sizes(x)
+    N, C = x.shape[0], x.shape[1]
+    HW = x.numel() // (N * C)
     dt = x.dtype
-    xf, w, b = _np(x, dt), _np(weight, dt), _np(bias, dt)
-    rm, rv = _np(running_mean, dt), _np(running_var, dt)
-    y, yf, mean, invstd = _outputs(x, C)
+    y, mean, invstd = torch.empty_like(x), np.empty(C), np.empty(C)
+    w, b, rm, rv = _np(weight, dt), _np(bias, dt), _np(running_mean, dt), _np(running_var, dt)
+    variant, group, splits, blocks = _launch(N, C, HW, x.element_size(), 1)
     if HW == 1:  # (M, C) rows: 2-D input or the channels_last view
-        parallel, _, _ = _plan(N, C, HW, x.element_size(), 1)
-        blocks = numba.get_num_threads() if parallel else 1
-        kernel = _TRAIN_ROWS[0 if parallel else 1]
-        kernel(xf, N, C, blocks, w, b, momentum, eps, rm, rv, yf, mean, invstd)
+        _TRAIN_ROWS[variant](
+            _flat(x), N, C, blocks, w, b, momentum, eps, rm, rv, _flat(y), mean, invstd
+        )
     else:
-        parallel, group, splits = _plan(N, C, HW, x.element_size(), 1)
-        kernel = _TRAIN_NCHW[0 if parallel else 1]
-        kernel(xf, N, C, HW, group, splits, w, b, momentum, eps, rm, rv, yf, mean, invstd)
+        _TRAIN_NCHW[variant](
+            _flat(x), N, C, HW, group, splits, w, b, momentum, eps, rm, rv, _flat(y), mean, invstd
+        )
     return y, torch.from_numpy(mean), torch.from_numpy(invstd)
 
 
 def _backward(dy, x, mean, invstd, weight, batch_stats):
-    N, C, HW = _sizes(x)
+    N, C = x.shape[0], x.shape[1]
+    HW = x.numel() // (N * C)
     dt = x.dtype
-    xf, gf, w = _np(x, dt), _np(dy, dt), _np(weight, dt)
-    m, istd = mean.detach().double().numpy(), invstd.detach().double().numpy()
+    m, istd = mean.detach().double().numpy(), invstd.detach().double().numpy()  # no copy if float64
     dx = torch.empty_like(x)
-    dgamma, dbeta = np.empty(C, xf.dtype), np.empty(C, xf.dtype)
-    parallel, group, splits = _plan(N, C, HW, x.element_size(), 2)
+    dgamma, dbeta = np.empty(C, _NONE[dt].dtype), np.empty(C, _NONE[dt].dtype)
+    variant, group, splits, blocks = _launch(N, C, HW, x.element_size(), 2)
+    xf, gf, w, dxf = _flat(x), _flat(dy), _np(weight, dt), _flat(dx)
     if HW == 1:
-        blocks = numba.get_num_threads() if parallel else 1
-        kernel = _BACKWARD_ROWS[0 if parallel else 1]
-        kernel(xf, gf, N, C, blocks, m, istd, w, batch_stats, dx.view(-1).numpy(), dgamma, dbeta)
+        _BACKWARD_ROWS[variant](xf, gf, N, C, blocks, m, istd, w, batch_stats, dxf, dgamma, dbeta)
     else:
-        kernel = _BACKWARD_NCHW[0 if parallel else 1]
-        kernel(
-            xf, gf, N, C, HW, group, splits, m, istd, w, batch_stats,
-            dx.view(-1).numpy(), dgamma, dbeta,
-        )  # fmt: skip
+        _BACKWARD_NCHW[variant](
+            xf, gf, N, C, HW, group, splits, m, istd, w, batch_stats, dxf, dgamma, dbeta
+        )
     return dx, torch.from_numpy(dgamma), torch.from_numpy(dbeta)
 
 
 def _forward_eval(x, running_mean, running_var, weight, bias, eps, relu):
-    N, C, HW = _sizes(x)
+    N, C = x.shape[0], x.shape[1]
+    HW = x.numel() // (N * C)
     dt = x.dtype
-    y, yf, mean, invstd = _outputs(x, C)
-    parallel, _, _ = _plan(N, C, HW, x.element_size(), 1)
-    rows = N if HW == 1 else N * C
-    blocks = min(numba.get_num_threads(), rows) if parallel else 1
+    y, mean, invstd = torch.empty_like(x), np.empty(C), np.empty(C)
+    variant, _, _, blocks = _launch(N, C, HW, x.element_size(), 1)
     rm, rv = running_mean.detach().numpy(), running_var.detach().numpy()
-    kernel = _EVAL[0 if parallel else 1]
-    kernel(
-        _np(x, dt),
-        C,
-        HW,
-        blocks,
-        rm,
-        rv,
-        _np(weight, dt),
-        _np(bias, dt),
-        eps,
-        relu,
-        yf,
-        mean,
-        invstd,
-    )
+    _EVAL[variant](
+        _flat(x), C, HW, blocks, rm, rv, _np(weight, dt), _np(bias, dt), eps, relu,
+        _flat(y), mean, invstd,
+    )  # fmt: skip
     return y, torch.from_numpy(mean), torch.from_numpy(invstd)
 
 

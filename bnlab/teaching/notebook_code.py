@@ -38,7 +38,7 @@ LESSON_DEFINITIONS: dict[str, dict[str, str]] = {
         "LearnerBN": "a learner's module with Keras's momentum convention, for the checker",
     },
     "04_numba_kernels": {
-        "tree_steps": "the kernels' tree loop on a Python list, counting its barrier steps",
+        "tree_steps": "the kernels' warp-shuffle loop on a Python list, counting its steps",
         "learner_merge": "a learner's wrong attempt, for the checker",
     },
     "05_lenet": {

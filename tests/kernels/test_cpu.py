@@ -6,6 +6,7 @@ import torch
 from bnlab.kernels import autograd as A
 from bnlab.kernels import cpu as K
 from bnlab.kernels import stability
+from bnlab.kernels import validate as V
 from bnlab.nn import functional as F
 
 SHAPES = [(3, 2, 5, 5), (7, 3), (4, 1, 3), (2, 3, 4, 3, 1)]
@@ -118,6 +119,46 @@ def test_bad_inputs_raise_clear_errors():
         K.channel_stats(torch.randn(1, 4))
     with pytest.raises(ValueError, match="backend must be one of"):
         A.batch_norm(x, None, None, training=True, backend="tpu")
+
+
+def test_quick_argument_checks_let_through_only_what_the_full_checks_accept():
+    """The fused kernels' arguments are checked by a quick path first; wherever the full
+    checks would raise, the quick path must hand over to them (None), so every message
+    above still comes; where it answers, it gives the full checks' shape."""
+    x, w, b, dy = _data((3, 2, 5, 5), torch.float32)
+    _, mean, invstd = K.forward_train(x, w, b, None, None, 0.1, 1e-5)
+    vectors = {"weight": w, "bias": b, "running_mean": w, "running_var": w}
+    full = V.validate_forward_args(x, 1e-5, K._DEVICE, True, **vectors)
+    assert V._forward_args_pass(x, 1e-5, "cpu", True, vectors.values()) == full == (3, 2, 25)
+    assert V._backward_args_pass(dy, x, mean, invstd, w, "cpu") == (3, 2, 25)
+    refused = [  # (x, eps, training, vectors): each one fails the full forward checks
+        (x.transpose(2, 3), 1e-5, True, vectors),
+        (x.half(), 1e-5, True, {}),
+        (x.double(), 1e-5, True, vectors),
+        (x, 0.0, True, vectors),
+        (x, float("nan"), True, vectors),
+        (torch.randn(1, 2), 1e-5, True, {}),
+        (x, 1e-5, True, {**vectors, "weight": torch.ones(3)}),
+        (x, 1e-5, True, {**vectors, "bias": torch.ones(4)[::2]}),
+        (x, 1e-5, False, {**vectors, "running_var": w.double()}),
+        (x.to("meta"), 1e-5, True, {}),
+    ]
+    for xi, eps, training, vec in refused:
+        assert V._forward_args_pass(xi, eps, "cpu", training, vec.values()) is None
+        with pytest.raises((TypeError, ValueError)):
+            V.validate_forward_args(xi, eps, K._DEVICE, training, **vec)
+    backward_refused = [  # (dy, x, mean, invstd, weight)
+        (dy[:2], x, mean, invstd, w),
+        (dy.double(), x, mean, invstd, w),
+        (dy.transpose(2, 3), x, mean, invstd, w),
+        (dy, x, mean[:1], invstd, w),
+        (dy, x, mean, invstd.long(), w),
+        (dy, x, mean, invstd, w.double()),
+    ]
+    for args in backward_refused:
+        assert V._backward_args_pass(*args, "cpu") is None
+        with pytest.raises((TypeError, ValueError)):
+            V.validate_backward_args(*args, K._DEVICE)
 
 
 # --- the channel-blocked kernels: exactness, group sizes, serial and parallel builds

@@ -30,7 +30,8 @@ def test_every_allowed_definition_exists_in_its_notebook():
         text = stems[stem].read_text()
         for name in names:
             assert any(
-                f"{kind} {name}{end}" in text for kind, end in [("def", "("), ("class", "("), ("class", ":")]
+                f"{kind} {name}{end}" in text
+                for kind, end in [("def", "("), ("class", "("), ("class", ":")]
             ), (stem, name)
 
 
