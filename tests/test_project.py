@@ -174,7 +174,7 @@ def test_tests_mirror_the_package():
     modules = _package_modules()
     for path in (ROOT / "tests").glob("*/test_*.py"):
         pkg = path.parent.name
-        if pkg == "browser":  # JupyterLab in a real browser: tests the course, not a module
+        if pkg in ("browser", "site"):  # JupyterLab, the website: test the course, not a module
             continue
         assert pkg in modules, f"{path.relative_to(ROOT)}: no package bnlab/{pkg}"
         assert path.stem[len("test_") :] in modules[pkg], (

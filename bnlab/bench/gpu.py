@@ -265,7 +265,7 @@ def _step(mode: str, bn: Callable, inputs: dict[str, torch.Tensor], x_grad: torc
 
 
 class EventClock:
-    """Device time: CUDA events around each call, after an L2 flush outside them.
+    """Time on the GPU's clock: CUDA events around each call, after an L2 flush outside them.
 
     The flush writes a buffer of ``flush_bytes`` (twice the L2 by default), so each timed
     call reads its inputs from HBM, as it would after the layers that ran before it.
