@@ -107,16 +107,23 @@ RUNNING_SECTION = "The running statistics, by you"
 
 @dataclass
 class CheckResult:
-    """Outcome of a check: ``passed``, the diagnosed ``mistake`` (or None), a message."""
+    """Outcome of a check: ``passed``, the diagnosed ``mistake`` (or None), a message.
+
+    ``show_diff=False`` leaves the distance to the reference out of the printed result, for
+    a checker whose answer would follow from it (a byte count: answer = got - diff).
+    """
 
     passed: bool
     mistake: str | None
     message: str
     max_abs_diff: float
+    show_diff: bool = True
 
     def __repr__(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
         what = f" [{self.mistake}]" if self.mistake else ""
+        if not self.show_diff:
+            return f"{verdict}{what}: {self.message}"
         return (
             f"{verdict}{what}: {self.message} (max |diff| vs reference = {self.max_abs_diff:.3g})"
         )

@@ -15,10 +15,11 @@ instead of the ``帖子 · post`` line.
   card, an index by post and an index by topic (the rows that say the same thing across posts);
 - :func:`tally` counts verdicts per post, :func:`tally_markdown` is the closing table
   (:data:`TALLY_BEFORE` -> now);
-- two measuring tools the cards share: :func:`moving_average`, the one running-statistics update
-  every momentum card re-expresses (each card says which weight its source's momentum is), and
+- three measuring tools the cards share: :func:`moving_average`, the one running-statistics update
+  every momentum card re-expresses (each card says which weight its source's momentum is),
   :func:`layer_kinds`, what each node of a model's ``torch.fx`` graph computes (where a network
-  puts its BN layers).
+  puts its BN layers), and :func:`bn_placement`, notebook 05's BN-before vs BN-after runs that
+  the placement cards judge from.
 
 ``python -m bnlab.teaching.errata summary --write notebooks/10_errata.ipynb`` writes the summary
 into the cells marked ``<!-- errata-summary -->`` and the tally into the cell marked
@@ -454,6 +455,41 @@ def layer_kinds(model) -> dict:
         return getattr(node.target, "__name__", str(node.target))
 
     return {node: kind(node) for node in traced.graph.nodes}
+
+
+PLACEMENT_LINE = re.compile(r"(LeNet|MLP)\s+BN (before|after)\s+ReLU: .*?test (\d\.\d+)")
+
+
+def bn_placement(figures: dict, notebook_05: dict | Path) -> tuple[dict, dict]:
+    """Notebook 05's BN-before vs BN-after-the-activation runs, for the placement cards.
+
+    Returns ``(arms, compared)``: ``arms[model, position]`` is each arm's mean test accuracy,
+    read from the lines notebook 05 prints (the store keeps only the paired difference), and
+    ``compared[model]`` the stored paired compare ``[before minus after, low, high, p]`` of
+    ``figures["05.bn_position"]``. Refuses printed lines that are not the stored run's (their
+    difference must be the stored one, at the printed precision).
+    """
+    cells = _load(notebook_05)["cells"]
+    printed = "".join(_printed(cell) for cell in cells if cell["cell_type"] == "code")
+    arms = {(m[1], m[2]): float(m[3]) for m in PLACEMENT_LINE.finditer(printed)}
+    compared = figures["05.bn_position"]["value"]
+    expected = {(model, position) for model in compared for position in ("before", "after")}
+    if set(arms) != expected:
+        raise ValueError(
+            f"notebook 05 prints placement lines for {sorted(arms)}, not {sorted(expected)}: "
+            "run notebooks/05_lenet.ipynb so its outputs are saved"
+        )
+    stale = [
+        model
+        for model, (difference, *_) in compared.items()
+        if abs(arms[model, "before"] - arms[model, "after"] - difference) >= 0.002
+    ]
+    if stale:
+        raise ValueError(
+            f"notebook 05's printed placement accuracies for {stale} are not the stored run's "
+            "(results/results.json 05.bn_position): rerun notebooks/05_lenet.ipynb"
+        )
+    return arms, compared
 
 
 def main(argv: list[str] | None = None) -> int:

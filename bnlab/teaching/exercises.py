@@ -77,6 +77,11 @@ TRAFFIC_ONE_READ = "traffic counts one read of x: that needs x kept in cache bet
 TRAFFIC_BELOW_MINIMUM = "traffic below the minimum: less than any training forward moves"
 TRAFFIC_UNFUSED = "traffic counts the unfused eager ops, not the minimum"
 TRAFFIC_ELEMENTS_NOT_BYTES = "traffic counted in elements, not bytes"
+TRAFFIC_IGNORES_ITEMSIZE = "traffic ignores itemsize: counted at 4 bytes per value"
+TRAFFIC_VECTORS_TOO_LARGE = "traffic's (C,) part is too large"
+#: the (C,) vectors a training forward may add on top of its passes (x's mean, invstd,
+#: gamma, beta, running mean and var, read and written), each C * max(itemsize, 8) bytes
+TRAFFIC_VECTORS = 12
 # 05 LeNet
 Z_INSTEAD_OF_T = "z = 1.96 instead of Student's t quantile"
 POPULATION_STD = "population standard deviation (ddof=0) instead of the sample's (ddof=1)"
@@ -130,6 +135,9 @@ HINTS = {
     "output, and every y must be written: count each pass over memory",
     TRAFFIC_UNFUSED: "count what one fused kernel must move, not each eager op's own passes",
     TRAFFIC_ELEMENTS_NOT_BYTES: "multiply the element count by itemsize",
+    TRAFFIC_IGNORES_ITEMSIZE: "use the itemsize argument: a float16 value is 2 bytes, not 4",
+    TRAFFIC_VECTORS_TOO_LARGE: "the (C,) parameters and statistics add at most "
+    f"{TRAFFIC_VECTORS} vectors of C * max(itemsize, 8) bytes",
     Z_INSTEAD_OF_T: "for a few runs use Student's t quantile with n - 1 degrees of freedom",
     POPULATION_STD: "estimate the standard deviation with ddof=1 (unbiased=True)",
     DIVIDES_BY_N: "the standard error of the mean is std / sqrt(n)",
@@ -545,9 +553,18 @@ def check_welford_update(fn: Callable, tol: float = 1e-6) -> CheckResult:
     )
 
 
-def _traffic_diagnosis(got: float, numel: int, itemsize: int) -> str | None:
+def _vectors_bytes(channels: int, itemsize: int) -> int:
+    """The most the (C,) vectors may add: the CPU kernel keeps its statistics in float64."""
+    return TRAFFIC_VECTORS * channels * max(itemsize, 8)
+
+
+def _traffic_diagnosis(got: float, numel: int, channels: int, itemsize: int) -> str | None:
     if got == 3 * numel and itemsize != 1:
         return TRAFFIC_ELEMENTS_NOT_BYTES
+    if itemsize != 4 and 0 <= got - 3 * numel * 4 <= _vectors_bytes(channels, 4):
+        return TRAFFIC_IGNORES_ITEMSIZE
+    if 0 < got - 3 * numel * itemsize < numel * itemsize:  # passes right, (C,) part not
+        return TRAFFIC_VECTORS_TOO_LARGE
     passes = got / (numel * itemsize)
     if passes == 2:
         return TRAFFIC_ONE_READ
@@ -564,9 +581,17 @@ def check_train_forward_bytes(fn: Callable) -> CheckResult:
     channel's values fit in the cache).
 
     The minimum: read x for the statistics, read it again to normalize, write y; the (C,)
-    parameters and statistics are accepted on top, never less. A count below the minimum
-    is refused with the reason; no failure prints the expected count.
+    parameters and statistics are accepted on top (up to :data:`TRAFFIC_VECTORS` vectors of
+    C * max(itemsize, 8) bytes), never less. A count below the minimum is refused with the
+    reason; no result prints the expected count or its distance to the count given.
     """
+    result = _train_forward_bytes_result(fn)
+    # a failure's distance to the reference would give the answer away: got - diff
+    diff = result.max_abs_diff if result.passed else float("inf")
+    return CheckResult(result.passed, result.mistake, result.message, diff, show_diff=False)
+
+
+def _train_forward_bytes_result(fn: Callable) -> CheckResult:
     results = []
     for shape, itemsize in (((64, 32, 28, 28), 4), ((128, 256), 2)):
         got, error = _call(fn, shape, itemsize)
@@ -577,13 +602,15 @@ def check_train_forward_bytes(fn: Callable) -> CheckResult:
         numel, channels = math.prod(shape), shape[1]
         minimum = 3 * numel * itemsize
         extra = got - minimum
-        if 0 <= extra <= 8 * channels * itemsize:  # the (C,) vectors on top
+        if 0 <= extra <= _vectors_bytes(channels, itemsize):  # the (C,) vectors on top
             results.append(CheckResult(True, None, "", float(extra)))
             continue
-        mistake = _traffic_diagnosis(got, numel, itemsize)
+        mistake = _traffic_diagnosis(got, numel, channels, itemsize)
         what = f"bytes for {shape} x {itemsize} B: {got}"
         if extra < 0:  # the pass count would round to the answer: the reason instead
             what += ", below the minimum of a training forward with no cache reuse"
+        elif mistake in (TRAFFIC_VECTORS_TOO_LARGE, TRAFFIC_IGNORES_ITEMSIZE):
+            pass  # the pass count would round to the answer; the hint says what is wrong
         else:
             what += f", {got / (numel * itemsize):.3g} passes over x"
         reason = _hint(mistake) if mistake else f"; {_reread('train_forward_bytes')}"

@@ -196,3 +196,35 @@ def test_layer_kinds_names_each_node_of_the_graph_in_order():
     assert list(kinds.values()) == ["x", "Conv2d", "BatchNorm2d", "add", "relu", "output"]
     bn = next(node for node, kind in kinds.items() if kind == "BatchNorm2d")
     assert kinds[bn.args[0]] == "Conv2d" and [kinds[u] for u in bn.users] == ["add"]
+
+
+def test_bn_placement_reads_each_arm_and_refuses_lines_of_another_run():
+    import pytest
+
+    figures = {"05.bn_position": {"value": {"LeNet": [-0.001, -0.012, 0.010, 0.77],
+                                            "MLP": [0.0, -0.007, 0.007, 0.95]}}}  # fmt: skip
+    line = "{} BN {:6} ReLU: lr 0.1 (chosen on validation), test {} ± 0.008 [0.84, 0.86], 5 seeds\n"
+    arms_printed = [("LeNet", "before", "0.851"), ("LeNet", "after", "0.852"),
+                    ("MLP", "before", "0.851"), ("MLP", "after", "{mlp_after}")]  # fmt: skip
+    lines = "".join(line.format(*arm) for arm in arms_printed)
+    notebook = {"cells": [_code("", printed=lines.format(mlp_after="0.851"))]}
+    arms, compared = errata.bn_placement(figures, notebook)
+    assert arms == {("LeNet", "before"): 0.851, ("LeNet", "after"): 0.852,
+                    ("MLP", "before"): 0.851, ("MLP", "after"): 0.851}  # fmt: skip
+    assert compared is figures["05.bn_position"]["value"]
+    stale = {"cells": [_code("", printed=lines.format(mlp_after="0.861"))]}  # another run's line
+    with pytest.raises(ValueError, match=r"\['MLP'\].*rerun notebooks/05_lenet.ipynb"):
+        errata.bn_placement(figures, stale)
+    with pytest.raises(ValueError, match="run notebooks/05_lenet.ipynb"):
+        errata.bn_placement(figures, {"cells": [_code("", printed=lines.splitlines()[0])]})
+
+
+def test_bn_placement_reads_notebook_05_as_saved():
+    import json
+
+    from bnlab.teaching.results import STORE
+
+    figures = json.loads(STORE.read_text())["figures"]
+    arms, compared = errata.bn_placement(figures, NOTEBOOK_DIR / "05_lenet.ipynb")
+    assert set(compared) == {"LeNet", "MLP"} and len(arms) == 4
+    assert all(0.1 < accuracy <= 1 for accuracy in arms.values())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -338,6 +339,9 @@ WRONG = {
         ex.TRAFFIC_UNFUSED: lambda shape, itemsize: 7 * math.prod(shape) * itemsize,
         ex.TRAFFIC_ELEMENTS_NOT_BYTES: lambda shape, itemsize: 3 * math.prod(shape),
         ex.TRAFFIC_BELOW_MINIMUM: lambda shape, itemsize: math.prod(shape) * itemsize,
+        ex.TRAFFIC_IGNORES_ITEMSIZE: lambda shape, itemsize: 3 * math.prod(shape) * 4,
+        # three passes, then half a pass more: not (C,) vectors
+        ex.TRAFFIC_VECTORS_TOO_LARGE: lambda shape, itemsize: 3.5 * math.prod(shape) * itemsize,
     },
     ex.check_t_interval: {
         ex.Z_INSTEAD_OF_T: interval_with("z"),
@@ -884,6 +888,46 @@ def test_the_bytes_checker_refuses_any_count_below_the_minimum_and_never_gives_t
     below = ex.check_train_forward_bytes(passes(3, extra=-1)).message
     assert "below the minimum" in below and "no cache reuse" in below
     assert "reread the section" in ex.check_train_forward_bytes(passes(4)).message
+
+
+def test_the_bytes_checker_accepts_float64_statistics_on_top_of_the_passes():
+    def with_vectors(count, width):
+        def traffic(shape, itemsize):
+            vectors = count * shape[1] * max(itemsize, width)
+            return 3 * math.prod(shape) * itemsize + vectors
+
+        return traffic
+
+    # the CPU kernel's mean and invstd are float64: (C,) vectors at 8 bytes, even for float16
+    assert ex.check_train_forward_bytes(with_vectors(ex.TRAFFIC_VECTORS, 8)).passed
+    too_many = ex.check_train_forward_bytes(with_vectors(ex.TRAFFIC_VECTORS + 1, 8))
+    assert too_many.mistake == ex.TRAFFIC_VECTORS_TOO_LARGE
+    assert "passes" not in too_many.message  # its passes are right: no misleading count
+    assert f"at most {ex.TRAFFIC_VECTORS} vectors" in too_many.message
+
+
+def test_no_bytes_checker_failure_prints_a_number_the_answer_follows_from():
+    def passes(k, extra=0):
+        return lambda shape, itemsize: k * math.prod(shape) * itemsize + extra
+
+    wrongs = [passes(k) for k in (0, 1, 2, 2.5, 4, 5, 6, 7, 8, 9, 10)]
+    wrongs += [passes(3, extra=e) for e in (-4096, -1, 10**6)]
+    wrongs += [lambda shape, itemsize: 3 * math.prod(shape) * 4, lambda shape, itemsize: "3"]
+    for wrong in wrongs:
+        result = ex.check_train_forward_bytes(wrong)
+        assert not result.passed
+        printed = repr(result)
+        # got - diff (or got + diff) would be the expected count
+        assert "diff" not in printed and result.max_abs_diff == float("inf"), printed
+        numbers = {float(n) for n in re.findall(r"\d+(?:\.\d+)?", printed)}
+        for shape, itemsize in (((64, 32, 28, 28), 4), ((128, 256), 2)):
+            got = wrong(shape, itemsize)
+            answer = 3 * math.prod(shape) * itemsize
+            assert answer not in numbers, printed
+            if isinstance(got, (int, float)):
+                # the distance from the learner's count, unless it is a number they gave
+                given = {float(got), float(itemsize), *map(float, shape)}
+                assert abs(got - answer) not in numbers - given, printed
 
 
 def test_garbled_messages_are_fixed():
