@@ -6,6 +6,9 @@ markdown cell of every notebook, and the README's hand-written prose) and checks
 
 - a decimal number with a decimal point (``0.138``), and
 - a ratio written ``N×`` or ``Nx`` (``5×``, ``1.36x``),
+- an interval of a difference written ``d [lo, hi]`` (``0.108 [0.056, 0.159]``, ``50 [32, 67]``
+  steps), checked as one phrase: its three numbers must appear together, so an interval of
+  step counts, or one whose every number happens to occur elsewhere, cannot go stale,
 
 must appear in that notebook's stored outputs, or in the results store, at the precision
 the prose prints it (``0.138`` matches an output ``0.138`` or a stored value 0.13834), or
@@ -60,6 +63,7 @@ CONSTANTS: dict[str, str] = {
 
 NUMBER = re.compile(r"(?<![\w.])(\d+\.\d+(?:e[-+]?\d+)?)(?![\w.]*\d)")
 RATIO = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s?[×x](?![\w])")
+INTERVAL = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)? \[-?\d+(?:\.\d+)?, -?\d+(?:\.\d+)?\]")
 SKIP = [
     re.compile(r"`[^`]*`"),  # inline code: identifiers and calls, not prose
     re.compile(r"```.*?```", re.S),  # code blocks
@@ -98,13 +102,15 @@ class Finding:
 
 
 def numbers_in(text: str) -> list[tuple[str, int]]:
-    """The checked numbers of a prose text, with their positions: decimals and ratios."""
+    """The checked numbers of a prose text, with their positions: intervals, ratios, decimals."""
     for pattern in SKIP:
         text = pattern.sub(lambda m: " " * len(m.group(0)), text)
+    intervals = [(m.group(0), m.start()) for m in INTERVAL.finditer(text)]
+    text = INTERVAL.sub(lambda m: " " * len(m.group(0)), text)  # checked whole, once
     ratios = [(m.group(1) + "×", m.start()) for m in RATIO.finditer(text)]
     text = RATIO.sub(lambda m: " " * len(m.group(0)), text)  # a ratio's number counts once
     found = [(m.group(1), m.start()) for m in NUMBER.finditer(text)]
-    return sorted(found + ratios, key=lambda item: item[1])
+    return sorted(found + ratios + intervals, key=lambda item: item[1])
 
 
 def _floats(value) -> list[float]:
@@ -127,6 +133,8 @@ class Evidence:
         self.values = values
 
     def accounts_for(self, number: str) -> bool:
+        if "[" in number:  # an interval: the phrase itself, as printed or stored
+            return re.search(rf"(?<![\d.]){re.escape(number.lstrip('+'))}", self.text) is not None
         plain = number.rstrip("×")
         if plain in CONSTANTS or number in CONSTANTS:
             return True

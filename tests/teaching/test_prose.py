@@ -17,7 +17,20 @@ def test_numbers_in_finds_decimals_and_ratios_but_not_identifiers():
         "See arXiv:1502.03167, Sec. 3.2, sections 6.6 and 7.5, §2.3, 「2.1 概念」 in 7.5 节, "
         "d2l v1.0, torch 2.14.1, Python 3.11, `lr=0.9` and [a link](https://x.org/1.5)."
     )
-    assert numbers(text) == ["0.138", "0.068", "0.208", "5×", "1.36×"]
+    assert numbers(text) == ["0.138 [0.068, 0.208]", "5×", "1.36×"]
+
+
+def test_an_interval_is_checked_as_one_phrase():
+    # every number of the stale interval occurs somewhere, and step counts are integers: the
+    # numbers one by one would pass; the phrase does not
+    evidence = prose.Evidence(["BN ahead by 50 [32, 67] steps; lr 45 of 19 or 71"], [])
+    assert evidence.accounts_for("50 [32, 67]")
+    assert not evidence.accounts_for("45 [19, 71]")
+    assert not evidence.accounts_for("0 [32, 67]")  # not a tail of a longer number
+    assert numbers("fewer steps, 45 [19, 71], and +0.40 [0.40, 0.41]") == [
+        "45 [19, 71]",
+        "+0.40 [0.40, 0.41]",
+    ]
 
 
 def test_evidence_accepts_a_number_printed_or_stored_at_its_precision():
